@@ -1,0 +1,73 @@
+"""Shared fixtures: an isolated cache/HOME, the shipped reference model, fast run settings."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+_SESSION_TMP = Path(tempfile.mkdtemp(prefix="workbench-tests-"))
+# Before anything imports torch/transformers: keep every cache and temp file inside the test folder.
+os.environ["WORKBENCH_CACHE_DIR"] = str(_SESSION_TMP / "cache")
+os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(_SESSION_TMP / "inductor")
+os.environ["HF_HOME"] = str(_SESSION_TMP / "hf")
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+
+from workbench import logs  # noqa: E402
+
+logs.quiet_libraries()
+# One intra-op thread: on a shared 2-core machine two threads per process oversubscribe the cores and
+# make the suite several times slower; results do not depend on it (timings are never asserted).
+torch.set_num_threads(1)
+
+
+def pytest_collection_modifyitems(config, items):
+    """`gpu` tests skip without CUDA (run them with `pytest -m gpu` on a GPU machine)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def session_tmp() -> Path:
+    return _SESSION_TMP
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    """The shipped reference model, loaded once (fp32, CPU)."""
+    import torch
+
+    from workbench.models.loader import load_model
+    from workbench.models.sources import resolve
+
+    return load_model(resolve("tiny"), "fp32", torch.device("cpu"))
+
+
+@pytest.fixture
+def fast():
+    """A RunConfig factory for quick runs on the reference model."""
+    from workbench.config import RunConfig
+
+    def make(**changes):
+        base = dict(model="tiny", warmup=0, repeats=2, min_duration_s=0.0, max_new_tokens=6, eval_tokens=300,
+                    eval_context=64)
+        base.update(changes)
+        return RunConfig(**base)
+
+    return make
+
+
+@pytest.fixture
+def store_path(tmp_path) -> Path:
+    return tmp_path / "results.sqlite"

@@ -1,0 +1,61 @@
+"""Memory accounting: real storage bytes, KV-cache bytes, and host peaks."""
+
+from __future__ import annotations
+
+import torch
+
+from workbench.measure.memory import HostPeak, cache_bytes, parameter_count, reset_host_peak, weight_bytes
+
+
+def test_weight_bytes_counts_storage_and_tied_weights_once():
+    model = torch.nn.Sequential(torch.nn.Embedding(100, 16), torch.nn.Linear(16, 100, bias=False))
+    model[1].weight = model[0].weight  # tie
+    assert weight_bytes(model) == 100 * 16 * 4
+    assert parameter_count(model) == 100 * 16
+    model.half()
+    assert weight_bytes(model) == 100 * 16 * 2
+
+
+def test_weight_bytes_counts_buffers():
+    model = torch.nn.BatchNorm1d(10)  # weight, bias, running_mean, running_var (fp32), num_batches_tracked (int64)
+    assert weight_bytes(model) == 4 * 10 * 4 + 8
+
+
+def test_weight_bytes_of_dynamic_int8_packed_linear():
+    from torch.ao.quantization import quantize_dynamic
+
+    model = torch.nn.Sequential(torch.nn.Linear(256, 128))
+    q = quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+    b = weight_bytes(q)
+    # int8 weights (256*128 bytes) + fp32 bias; far below the fp32 original
+    assert 256 * 128 <= b < 256 * 128 * 2
+    assert weight_bytes(model) == (256 * 128 + 128) * 4
+
+
+def test_kv_cache_bytes_match_the_analytic_size(tiny):
+    cfg = tiny.model.config
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    out = tiny.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, min_new_tokens=4,
+                              do_sample=False, return_dict_in_generate=True, pad_token_id=0)
+    cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    # K and V for every layer and head; the cache holds prompt + new tokens - 1 positions
+    per_position = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * 4
+    assert cache_bytes(cache) == per_position * (5 + 4 - 1)
+
+
+def test_host_peak_sees_a_transient_allocation():
+    if not reset_host_peak():
+        import pytest
+
+        pytest.skip("this kernel does not allow resetting VmHWM")
+    with HostPeak() as before:
+        pass
+    with HostPeak() as during:
+        x = torch.ones(64 * 1024 * 1024 // 4)  # 64 MiB, touched
+        del x
+    assert "VmHWM" in during.method
+    assert during.peak - before.peak >= 60 * 1024 * 1024
+    with HostPeak() as after:  # the mark was reset: the freed 64 MiB does not count again
+        pass
+    assert after.peak < during.peak - 32 * 1024 * 1024

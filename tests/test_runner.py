@@ -1,0 +1,131 @@
+"""The runner end to end on the reference model: every DESIGN key, events, stop, batching, presets."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from workbench.events import MetricEvent, RepeatEvent, StageEvent, TokenEvent, WarningEvent
+from workbench.result import RunResult
+from workbench.runner import run
+
+DESIGN_KEYS = {
+    "config": None,
+    "model": {"name", "params", "weight_bytes", "random_weights", "dtype", "device"},
+    "latency": {"ttft_ms", "tpot_ms", "itl_ms", "e2e_ms", "prefill_tokens_per_s", "decode_tokens_per_s", "cv",
+                "warmup", "repeats", "new_tokens"},
+    "memory": {"weights_bytes", "kv_cache_bytes", "load_peak_host_bytes", "peak_host_bytes",
+               "peak_gpu_allocated_bytes", "peak_gpu_reserved_bytes"},
+    "accuracy": {"perplexity", "next_token_accuracy", "kl_vs_baseline", "top1_agreement_vs_baseline",
+                 "greedy_match_vs_baseline", "eval_tokens", "definition"},
+    "roofline": {"bandwidth_bytes_per_s", "bytes_per_token", "decode_bound_tokens_per_s", "fraction_of_bound"},
+    "techniques": None,
+    "env": {"python", "torch", "transformers", "cpu", "threads", "gpu", "driver", "workbench_version", "git_commit"},
+    "warnings": None,
+}
+
+
+def check_design_keys(data: dict) -> None:
+    for key, inner in DESIGN_KEYS.items():
+        assert key in data, key
+        if inner:
+            assert data[key] is not None, key
+            assert inner <= set(data[key]), (key, inner - set(data[key]))
+    for q in ("ttft_ms", "tpot_ms", "itl_ms", "e2e_ms"):
+        assert set(data["latency"][q]) == {"p50", "p90", "p99"}
+
+
+@pytest.fixture(scope="module")
+def full_run():
+    from workbench.config import RunConfig
+
+    events = []
+    cfg = RunConfig(model="tiny", warmup=1, repeats=3, min_duration_s=0.0, max_new_tokens=8, eval_tokens=400,
+                    eval_context=64)
+    return run(cfg, events.append), events
+
+
+def test_result_has_every_design_key_and_round_trips(full_run):
+    result, _ = full_run
+    data = json.loads(result.to_json())
+    check_design_keys(data)
+    assert RunResult.from_dict(data) == result
+    assert result.status == "ok"
+
+
+def test_measurements_are_consistent(full_run):
+    r, _ = full_run
+    assert r.latency.repeats == 3 and r.latency.new_tokens == 8 and r.latency.warmup == 1
+    assert all(len(s.token_ms) == 8 for s in r.latency.samples)
+    assert r.latency.ttft_ms.p50 <= r.latency.e2e_ms.p50
+    assert r.model.params == 6_163_712 and r.model.weight_bytes == r.memory.weights_bytes
+    assert r.memory.weights_bytes == r.model.params * 4  # fp32, tied embedding counted once
+    assert r.memory.kv_cache_bytes > 0 and r.memory.load_peak_host_bytes > r.memory.weights_bytes
+    assert r.roofline.decode_bound_tokens_per_s > 0 and r.roofline.fraction_of_bound > 0
+    # the unmodified fp32 model agrees with its own baseline
+    assert r.accuracy.kl_vs_baseline == pytest.approx(0.0, abs=1e-5)
+    assert r.accuracy.top1_agreement_vs_baseline == 1.0 and r.accuracy.greedy_match_vs_baseline == 1.0
+    assert r.env.threads >= 1 and r.env.torch
+
+
+def test_events_cover_stages_and_every_token(full_run):
+    r, events = full_run
+    starts = [e.stage for e in events if isinstance(e, StageEvent) and e.state == "start"]
+    assert [s for s in starts if s != "baseline"] == ["load", "warmup", "measure", "evaluate"]
+    tokens = [e for e in events if isinstance(e, TokenEvent)]
+    assert len(tokens) == (1 + 3) * 8
+    measured = [e for e in tokens if e.phase == "measure" and e.repeat == 0]
+    assert [e.index for e in measured] == list(range(8))
+    assert "".join(e.text for e in measured) == r.output_text
+    assert len([e for e in events if isinstance(e, RepeatEvent)]) == 3
+    sections = {e.section for e in events if isinstance(e, MetricEvent)}
+    assert {"model", "latency", "memory", "accuracy", "roofline"} <= sections
+
+
+def test_dtype_changes_are_measured_against_the_fp32_baseline(fast):
+    r = run(fast(dtype="bf16"))
+    assert r.memory.weights_bytes == r.model.params * 2
+    assert r.accuracy.kl_vs_baseline > 0  # bf16 rounding moves the distribution a little
+
+
+def test_stop_ends_within_one_token_and_keeps_a_partial_result(fast):
+    events, seen = [], {"n": 0}
+
+    def on_event(e):
+        events.append(e)
+        if isinstance(e, TokenEvent) and e.phase == "measure":
+            seen["n"] += 1
+
+    r = run(fast(max_new_tokens=200, repeats=5), on_event, should_stop=lambda: seen["n"] >= 3)
+    assert r.status == "stopped"
+    assert seen["n"] <= 4  # the token that saw the request, at most one more
+    assert r.latency is not None and r.latency.repeats == 1  # the partial repeat is kept
+    assert r.accuracy is None and any("stopped" in w for w in r.warnings)
+
+
+def test_stop_before_loading_returns_an_empty_stopped_result(fast):
+    r = run(fast(), should_stop=lambda: True)
+    assert r.status == "stopped" and r.model is None and r.latency is None
+
+
+def test_batch_rows_get_distinct_prompts(fast):
+    r = run(fast(batch_size=3, prompt_tokens=12, eval_tokens=0))
+    assert r.latency.batch_size == 3 and r.latency.prompt_tokens == 12
+    assert r.accuracy is None  # eval_tokens=0 skips accuracy
+
+
+def test_token_events_can_be_switched_off(fast):
+    events = []
+    run(fast(token_events=False, eval_tokens=0), events.append)
+    assert not any(isinstance(e, TokenEvent) for e in events)
+
+
+def test_preset_has_random_weights_and_no_accuracy(fast):
+    events = []
+    r = run(fast(model="preset:smollm2-135m", max_new_tokens=3, eval_tokens=400), events.append)
+    assert r.model.random_weights and r.model.params == 134_515_008
+    assert r.accuracy is None
+    assert any("random weights" in w for w in r.warnings)
+    assert any(isinstance(e, WarningEvent) and "random weights" in e.message for e in events)
+    assert "<" in r.output_text or r.output_text  # ids past the borrowed tokenizer show as <id>

@@ -1,0 +1,102 @@
+"""Results store: one transaction per run, exports, and refusing to touch a damaged database."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+
+import pytest
+
+from workbench.errors import StoreError
+from workbench.store import Store
+
+
+@pytest.fixture(scope="module")
+def result():
+    from workbench.config import RunConfig
+    from workbench.runner import run
+
+    return run(RunConfig(model="tiny", warmup=0, repeats=2, min_duration_s=0, max_new_tokens=4, eval_tokens=200,
+                         eval_context=64))
+
+
+def test_add_get_round_trip(store_path, result):
+    store = Store(store_path)
+    rid = store.add(result)
+    back = store.get(rid)
+    assert back == result and back.run_id == rid
+
+
+def test_summaries_dataframe_and_csv(store_path, result, tmp_path):
+    store = Store(store_path)
+    a = store.add(result)
+    b = store.add_error(result.config, "something went wrong")
+    rows = store.summaries()
+    assert [r["id"] for r in rows] == [b, a]
+    assert rows[0]["status"] == "error" and rows[0]["error"] == "something went wrong"
+    assert rows[1]["decode_tokens_per_s"] == pytest.approx(result.latency.decode_tokens_per_s)
+    frame = store.dataframe()
+    assert len(frame) == 2
+    assert "latency.ttft_ms.p50" in frame.columns and "accuracy.perplexity" in frame.columns
+    assert "latency.samples" not in frame.columns
+    assert len(store.results()) == 1  # errors have no measurements
+    frame.to_csv(tmp_path / "x.csv", index=False)
+    import pandas as pd
+
+    back = pd.read_csv(tmp_path / "x.csv")
+    assert len(back) == 2 and list(back["status"]) == ["ok", "error"]
+
+
+def test_a_failed_write_leaves_nothing_behind(store_path, result, monkeypatch):
+    store = Store(store_path)
+    store.add(result)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(type(result), "to_json", broken)
+    with pytest.raises(RuntimeError):
+        store.add(result)
+    monkeypatch.undo()
+    assert len(store.summaries()) == 1
+    with sqlite3.connect(store_path) as conn:
+        assert conn.execute("SELECT count(*) FROM runs").fetchone()[0] == 1
+
+
+def test_a_transaction_interrupted_inside_sqlite_rolls_back(store_path, result):
+    store = Store(store_path)
+    with sqlite3.connect(store_path) as conn:  # a trigger that fails the insert half-way
+        conn.execute("CREATE TRIGGER boom BEFORE INSERT ON runs WHEN NEW.model = 'tiny' "
+                     "BEGIN SELECT RAISE(ABORT, 'simulated crash'); END")
+    with pytest.raises(StoreError):
+        store.add(result)
+    assert store.summaries() == []
+
+
+def test_corrupt_database_is_refused_and_left_untouched(tmp_path):
+    path = tmp_path / "bad.sqlite"
+    path.write_bytes(b"this is not sqlite at all" * 100)
+    before = path.read_bytes()
+    with pytest.raises(StoreError, match="unusable|corrupt"):
+        Store(path)
+    assert path.read_bytes() == before
+
+
+def test_foreign_sqlite_database_is_refused(tmp_path):
+    path = tmp_path / "other.sqlite"
+    with sqlite3.connect(path) as conn:
+        conn.execute("CREATE TABLE customers (id INTEGER)")
+    with pytest.raises(StoreError, match="not a workbench results store"):
+        Store(path)
+
+
+def test_store_path_that_is_a_folder(tmp_path):
+    with pytest.raises(StoreError, match="is a folder"):
+        Store(tmp_path)
+
+
+def test_results_json_export_is_one_list(store_path, result):
+    store = Store(store_path)
+    store.add(result)
+    data = json.loads(json.dumps([r.to_dict() for r in store.results()]))
+    assert data[0]["latency"]["new_tokens"] == 4

@@ -1,0 +1,1 @@
+"""The workbench app (ipywidgets + plotly) on top of the `workbench` core."""

@@ -1,0 +1,3 @@
+"""LLM Inference Workbench core: load a causal LM, apply techniques, measure latency, memory, accuracy."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,298 @@
+"""`workbench` command line: run, models, techniques, results, build-reference."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import signal
+import sys
+import typing
+from collections.abc import Sequence
+from typing import Any
+
+from workbench import logs
+
+EXIT_ERROR, EXIT_USAGE, EXIT_STOPPED = 1, 2, 130
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage error as one sentence (plus a pointer to --help)."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, skip: Sequence[str] = ()) -> None:
+    """One flag per dataclass field: type, choices and help from the field; unset flags keep the default."""
+    hints = typing.get_type_hints(cls)
+    groups: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        meta = f.metadata
+        group = groups.setdefault(meta.get("group", "options"), parser.add_argument_group(meta.get("group", "options")))
+        help_text = meta.get("help", "") + (f" (default: {f.default})" if f.default is not None else "")
+        types = [a for a in (typing.get_args(hints[f.name]) or (hints[f.name],)) if a is not type(None)]
+        if types == [bool]:
+            flag = _flag(f.name) if not f.default else "--no-" + f.name.replace("_", "-")
+            group.add_argument(flag, dest=f.name, action="store_false" if f.default else "store_true",
+                               default=argparse.SUPPRESS, help=meta.get("help", ""))
+            continue
+        group.add_argument(_flag(f.name), dest=f.name, type=types[0], choices=meta.get("choices"),
+                           default=argparse.SUPPRESS, help=help_text,
+                           metavar=None if meta.get("choices") else f.name.upper())
+
+
+class _TechniqueAction(argparse.Action):
+    """--quant / --prune: append (kind, spec) to one ordered list, so the order of flags is the order applied."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, value: Any,
+                 option_string: str | None = None) -> None:
+        items = list(getattr(namespace, "technique_flags", []) or [])
+        items.append((self.const, value))
+        namespace.technique_flags = items
+
+
+def _run_parser(sub: Any) -> None:
+    from workbench.config import RunConfig
+
+    p = sub.add_parser("run", help="load a model, apply techniques, measure latency, memory and accuracy",
+                       description="Run one configuration and store its result.")
+    add_dataclass_arguments(p, RunConfig, skip=("techniques",))
+    t = p.add_argument_group("Techniques")
+    t.add_argument("--quant", action=_TechniqueAction, const="quant", metavar="SPEC",
+                   help="quantization technique NAME or NAME:key=value,... (repeatable; see `workbench techniques`)")
+    t.add_argument("--prune", action=_TechniqueAction, const="prune", metavar="SPEC",
+                   help="pruning technique NAME or NAME:key=value,... (repeatable, applied in order)")
+    o = p.add_argument_group("Output")
+    o.add_argument("--store", default=None, help="results database (default: workbench-results.sqlite here)")
+    o.add_argument("--no-store", action="store_true", help="do not record this run")
+    o.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
+
+
+def _config_from_args(args: argparse.Namespace):  # -> RunConfig
+    from workbench.config import RunConfig
+    from workbench.techniques import load_all, parse_spec
+
+    load_all()
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(RunConfig) if hasattr(args, f.name)}
+    specs = []
+    for kind, spec in getattr(args, "technique_flags", []) or []:
+        technique = parse_spec(spec)
+        if technique.kind != kind:
+            what, flag = ("pruning", "--prune") if technique.kind == "prune" else ("quantization", "--quant")
+            raise ValueError(f"{technique.name} is a {what} technique: pass it with {flag}")
+        specs.append(spec)
+    return RunConfig(**given, techniques=tuple(specs))
+
+
+def _progress_printer(enabled: bool):
+    """An on_event that narrates stages on stderr (the result itself goes to stdout)."""
+    from workbench.events import StageEvent
+
+    def on_event(event: Any) -> None:
+        if not enabled:
+            return
+        if isinstance(event, StageEvent) and event.state == "start":
+            print(f"[{event.elapsed_s:6.1f}s] {event.stage}: {event.message}", file=sys.stderr, flush=True)
+    return on_event
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from workbench.errors import WorkbenchError
+    from workbench.report import format_result
+    from workbench.runner import run
+    from workbench.store import DEFAULT_PATH, Store
+
+    try:
+        config = _config_from_args(args)
+    except ValueError as e:
+        return _usage(args.prog, str(e))
+    stop = {"requested": False}
+
+    def on_sigint(signum: int, frame: Any) -> None:
+        if stop["requested"]:
+            raise KeyboardInterrupt
+        stop["requested"] = True
+        print("stopping after the current token (Ctrl-C again to abort)", file=sys.stderr, flush=True)
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    store = None
+    try:
+        store = None if args.no_store else Store(args.store or DEFAULT_PATH)
+        result = run(config, _progress_printer(not args.json), lambda: stop["requested"])
+    except WorkbenchError as e:
+        if store is not None:
+            store.add_error(config, str(e))
+        return _fail(str(e), args.json, config)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if store is not None:
+        result = result.with_id(store.add(result))
+    print(result.to_json() if args.json else format_result(result), flush=True)
+    return EXIT_STOPPED if result.status == "stopped" else 0
+
+
+def _usage(prog: str, message: str) -> int:
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def _fail(message: str, as_json: bool, config: Any = None) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    if as_json:
+        print(json.dumps({"status": "error", "error": message, "config": config.to_dict() if config else None}))
+    return EXIT_ERROR
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from workbench.models.catalog import describe_sources
+    from workbench.report import table
+
+    rows = describe_sources()
+    if args.json:
+        print(json.dumps(rows, indent=1))
+    else:
+        print(table([(r["source"], r["kind"], r["params"], r["notes"]) for r in rows],
+                    ("source", "kind", "params", "notes")))
+    return 0
+
+
+def cmd_techniques(args: argparse.Namespace) -> int:
+    from workbench.report import table
+    from workbench.techniques import describe_techniques
+
+    rows = describe_techniques(args.device)
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    print(table([(r["name"], r["kind"], "yes" if r["available"] else f"no: {r['reason']}",
+                  "simulated" if r["simulated"] else "real", r["signature"]) for r in rows],
+                ("name", "kind", f"runs on {rows[0]['device'] if rows else args.device}", "effect", "parameters")))
+    return 0
+
+
+def cmd_results(args: argparse.Namespace) -> int:
+    from workbench.errors import StoreError
+    from workbench.report import format_result, format_summaries
+    from workbench.store import DEFAULT_PATH, Store
+
+    try:
+        store = Store(args.store or DEFAULT_PATH)
+        if args.show is not None:
+            result = store.get(args.show)
+            print(result.to_json(indent=1) if args.json else format_result(result))
+        elif args.csv is not None:
+            frame = store.dataframe()
+            frame.to_csv(sys.stdout if args.csv == "-" else args.csv, index=False)
+        elif args.json:
+            print(json.dumps([r.to_dict() | {"run_id": r.run_id} for r in store.results(status=None)]))
+        else:
+            print(format_summaries(store.summaries(limit=args.limit)) or "no runs stored yet")
+    except StoreError as e:
+        return _fail(str(e), False)
+    return 0
+
+
+def cmd_build_reference(args: argparse.Namespace) -> int:
+    from workbench.reference.build import Recipe, build_reference
+
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(Recipe) if hasattr(args, f.name)}
+    try:
+        recipe = Recipe(**given)
+    except ValueError as e:
+        return _usage(args.prog, str(e))
+    report = build_reference(args.out, recipe, _progress_printer(True))
+    m = report["metrics"]
+    print(f"built {args.out}: {m['params'] / 1e6:.2f} M params, held-out perplexity {m['heldout_perplexity']:.2f} "
+          f"(unigram {m['unigram_perplexity']:.2f}), next-token accuracy {m['heldout_next_token_accuracy']:.3f}")
+    return 0
+
+
+def cmd_sensitivity(args: argparse.Namespace) -> int:
+    from workbench.errors import WorkbenchError
+    from workbench.report import format_sensitivity
+    from workbench.sensitivity import analyze
+
+    specs = [spec for _, spec in getattr(args, "technique_flags", []) or []]
+    if len(specs) != 1:
+        return _usage(args.prog, "give exactly one technique with --quant SPEC or --prune SPEC")
+    try:
+        report = analyze(args.model, specs[0], dtype=args.dtype, device=args.device, eval_tokens=args.eval_tokens,
+                         eval_context=args.eval_context, histogram_layer=args.layer,
+                         on_event=_progress_printer(not args.json))
+    except ValueError as e:
+        return _usage(args.prog, str(e))
+    except WorkbenchError as e:
+        return _fail(str(e), args.json)
+    print(json.dumps(report.to_dict()) if args.json else format_sensitivity(report))
+    return 0
+
+
+def _sensitivity_parser(sub: Any) -> None:
+    s = sub.add_parser("sensitivity", help="per-layer error (SQNR, KL) of one technique, and a weight histogram")
+    s.add_argument("--model", default="tiny", help="model source (default: tiny)")
+    s.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"))
+    s.add_argument("--device", default="auto")
+    s.add_argument("--quant", action=_TechniqueAction, const="quant", metavar="SPEC", help="the technique to study")
+    s.add_argument("--prune", action=_TechniqueAction, const="prune", metavar="SPEC", help="the technique to study")
+    s.add_argument("--eval-tokens", type=int, default=512, help="held-out tokens per layer (default 512)")
+    s.add_argument("--eval-context", type=int, default=128, help="tokens per window (default 128)")
+    s.add_argument("--layer", default=None, help="layer for the histogram (default: the most sensitive)")
+    s.add_argument("--json", action="store_true", help="print the report as one JSON object")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The whole command line."""
+    from workbench import __version__
+    from workbench.reference.build import Recipe
+
+    parser = _Parser(prog="workbench", description="LLM Inference Workbench: what each inference optimization "
+                     "costs in latency, memory and accuracy.")
+    parser.add_argument("--version", action="version", version=f"workbench {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging on stderr (-vv: debug)")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    _run_parser(sub)
+    m = sub.add_parser("models", help="list model sources")
+    m.add_argument("--json", action="store_true")
+    t = sub.add_parser("techniques", help="list techniques, their parameters, and whether they run here")
+    t.add_argument("--device", default="auto", help="device to check against (default: auto)")
+    t.add_argument("--json", action="store_true")
+    r = sub.add_parser("results", help="list stored runs, or export them")
+    r.add_argument("--store", default=None, help="results database (default: workbench-results.sqlite)")
+    r.add_argument("--csv", nargs="?", const="-", default=None, metavar="PATH", help="export CSV (to stdout or PATH)")
+    r.add_argument("--json", action="store_true", help="export every stored result as a JSON list")
+    r.add_argument("--show", type=int, default=None, metavar="ID", help="one run in full")
+    r.add_argument("--limit", type=int, default=50, help="rows listed (default 50)")
+    _sensitivity_parser(sub)
+    b = sub.add_parser("build-reference", help="rebuild the `tiny` reference model from the stdlib docs")
+    b.add_argument("--out", default="build/tiny", help="output folder (default: build/tiny)")
+    add_dataclass_arguments(b, Recipe)
+    return parser
+
+
+COMMANDS = {"run": cmd_run, "models": cmd_models, "techniques": cmd_techniques, "results": cmd_results,
+            "build-reference": cmd_build_reference, "sensitivity": cmd_sensitivity}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `workbench` console script."""
+    logs.quiet_libraries()
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logs.setup(args.verbose)
+    args.prog = f"workbench {args.command}"
+    try:
+        return COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        print("aborted", file=sys.stderr)
+        return EXIT_STOPPED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

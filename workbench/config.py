@@ -1,0 +1,155 @@
+"""`RunConfig`: what one run does. Frozen, validated on construction, help text on every field."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+from workbench.serde import from_dict, to_dict
+
+DTYPES = ("fp32", "fp16", "bf16")
+DEFAULT_PROMPT = "The for statement is used to"
+_DEVICE_RE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
+
+
+def option(default: Any, help: str, *, group: str = "Run", choices: tuple | None = None,
+           minimum: float | None = None, maximum: float | None = None, flag: str | None = None,
+           **extra: Any) -> Any:
+    """A dataclass field whose metadata feeds validation, the CLI's --help and the widgets' tooltips."""
+    meta = {"help": help, "group": group, "choices": choices, "min": minimum, "max": maximum,
+            "flag": flag, **extra}
+    if isinstance(default, (list, dict)):
+        raise TypeError("use tuples for sequence defaults: configs are frozen")
+    return field(default=default, metadata=meta)
+
+
+def check_field(obj: Any, f: dataclasses.Field) -> None:
+    """Raise ValueError naming the allowed values when obj.<f> breaks its metadata's bounds."""
+    value, meta = getattr(obj, f.name), f.metadata
+    if value is None:
+        return
+    choices = meta.get("choices")
+    if choices and value not in choices:
+        raise ValueError(f"{f.name} must be one of {', '.join(map(str, choices))}; got {value!r}")
+    lo, hi = meta.get("min"), meta.get("max")
+    if (lo is not None or hi is not None) and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if (lo is not None and value < lo) or (hi is not None and value > hi):
+            rng = f"{lo if lo is not None else '-inf'}..{hi if hi is not None else 'inf'}"
+            raise ValueError(f"{f.name} must be in {rng}; got {value}")
+
+
+_SCALARS = {int: "an integer", float: "a number", str: "text", bool: "true or false"}
+
+
+def _check_type(obj: Any, f: dataclasses.Field, hint: Any) -> None:
+    """Raise ValueError when a scalar field holds a value of the wrong type (e.g. from JSON)."""
+    value = getattr(obj, f.name)
+    if typing.get_origin(hint) not in (None, typing.Union, types.UnionType):
+        return  # containers are checked by the class itself
+    allowed = [a for a in (typing.get_args(hint) or (hint,)) if a in _SCALARS]
+    if value is None or not allowed:
+        return
+    ok = any(isinstance(value, a) and not (a in (int, float) and isinstance(value, bool)) for a in allowed)
+    if float in allowed and isinstance(value, int) and not isinstance(value, bool):
+        ok = True
+    if not ok:
+        raise ValueError(f"{f.name} must be {_SCALARS[allowed[0]]}; got {value!r}")
+
+
+def check_fields(obj: Any) -> None:
+    """Validate every field of a dataclass instance against its type and metadata."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        _check_type(obj, f, hints[f.name])
+        check_field(obj, f)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """One inference run: the model, how it is executed and measured, and which techniques apply."""
+
+    model: str = option("tiny", "Model source: 'tiny' (the shipped reference model), 'preset:NAME' "
+                        "(a real architecture with random weights: speed and memory only), a Hugging "
+                        "Face hub id, or a local folder.", group="Model")
+    dtype: str = option("fp32", "Weight and activation dtype.", group="Model", choices=DTYPES)
+    device: str = option("auto", "Where to run: auto (CUDA if present, else CPU), cpu, cuda or cuda:N.",
+                         group="Execution")
+    trust_remote_code: bool = option(False, "Allow a hub model to run its own Python code (off: "
+                                     "only architectures built into transformers load).", group="Model")
+    prompt: str | None = option(None, "Prompt text (default: a short sentence in the reference "
+                                "corpus's style). Exclusive with prompt_tokens.", group="Workload")
+    prompt_tokens: int | None = option(None, "Use a prompt of exactly this many tokens (cut from the "
+                                       "held-out text) instead of prompt text.", group="Workload",
+                                       minimum=1, maximum=131072)
+    max_new_tokens: int = option(32, "Tokens generated per sequence; greedy, fixed length (EOS does "
+                                 "not stop it).", group="Workload", minimum=1, maximum=32768)
+    batch_size: int = option(1, "Sequences generated at once.", group="Workload", minimum=1, maximum=4096)
+    warmup: int = option(1, "Untimed runs before measuring.", group="Measurement", minimum=0, maximum=100)
+    repeats: int = option(5, "Minimum number of timed runs.", group="Measurement", minimum=1, maximum=10000)
+    min_duration_s: float = option(2.0, "Keep repeating until the timed runs add up to at least this "
+                                   "many seconds.", group="Measurement", minimum=0.0, maximum=3600.0)
+    max_repeats: int = option(200, "Never more timed runs than this, whatever min_duration_s says.",
+                              group="Measurement", minimum=1, maximum=100000)
+    threads: int | None = option(None, "Intra-op CPU threads (default: PyTorch's choice).",
+                                 group="Execution", minimum=1, maximum=1024)
+    eval_tokens: int = option(2048, "Held-out tokens scored for perplexity and agreement (0: skip "
+                              "accuracy).", group="Accuracy", minimum=0, maximum=1_000_000)
+    eval_context: int = option(256, "Tokens per evaluation window (capped at the model's context).",
+                               group="Accuracy", minimum=2, maximum=131072)
+    techniques: tuple[str, ...] = option((), "Compression techniques applied in order after loading, "
+                                         "each NAME or NAME:key=value,... (see `workbench techniques`).",
+                                         group="Techniques")
+    token_events: bool = option(True, "Emit an event per generated token (live plots); off to "
+                                "measure without it.", group="Measurement")
+    seed: int = option(0, "Random seed (random-weight presets, sampled prompts).", group="Workload",
+                       minimum=0)
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        if not isinstance(self.model, str) or not self.model.strip():
+            raise ValueError("model must be 'tiny', 'preset:NAME', a hub id or a folder; got an empty value")
+        if self.model.startswith("preset:"):
+            from workbench.models.presets import PRESETS
+
+            name = self.model.split(":", 1)[1]
+            if name not in PRESETS:
+                raise ValueError(f"unknown preset {name!r}; presets: {', '.join(sorted(PRESETS))}")
+        if not _DEVICE_RE.match(self.device):
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N; got {self.device!r}")
+        if self.prompt is not None and self.prompt_tokens is not None:
+            raise ValueError("give either prompt or prompt_tokens, not both")
+        if self.prompt is not None and not self.prompt.strip():
+            raise ValueError("prompt is empty: give some text, or prompt_tokens=N")
+        if isinstance(self.techniques, (list, str)):
+            object.__setattr__(self, "techniques", tuple([self.techniques] if isinstance(self.techniques, str)
+                                                         else self.techniques))
+        from workbench.techniques import normalize_specs
+
+        object.__setattr__(self, "techniques", normalize_specs(self.techniques, self.dtype))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict (JSON edge)."""
+        return to_dict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunConfig:
+        """Inverse of `to_dict`; validates like the constructor."""
+        return from_dict(cls, data)
+
+    def to_json(self) -> str:
+        """JSON text."""
+        return json.dumps(self.to_dict())
+
+    @classmethod
+    def from_json(cls, text: str) -> RunConfig:
+        """Inverse of `to_json`."""
+        return cls.from_dict(json.loads(text))
+
+    def replace(self, **changes: Any) -> RunConfig:
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)

@@ -1,0 +1,38 @@
+"""Logging setup for the CLI and apps: our INFO lines on stderr, third-party chatter quieted."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import warnings
+
+_NOISY = ("torchao", "torch.utils._pytree", "bitsandbytes", "accelerate", "transformers", "urllib3", "httpx",
+          "huggingface_hub", "torch._dynamo", "torch._inductor", "filelock")
+
+
+def quiet_libraries() -> None:
+    """Silence libraries that log per call or at import (bitsandbytes per matmul, torchao's kernel probes)."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    for name in _NOISY:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", message=".*TypedStorage is deprecated.*")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+def setup(verbose: int = 0) -> None:
+    """Configure the root logger for a command-line process (stderr only: stdout stays for results)."""
+    level = logging.WARNING if verbose <= 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=level, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s", force=True)
+    quiet_libraries()

@@ -1,0 +1,73 @@
+"""Roofline: decode reads every weight once per step, so bandwidth / bytes per token bounds its speed."""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import time
+
+import torch
+
+from workbench.paths import cache_dir
+from workbench.result import RooflineStats
+
+logger = logging.getLogger(__name__)
+
+_PROBE_BYTES = 512 * 1024 * 1024
+
+
+def _machine_key(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda:{torch.cuda.get_device_name(device)}"
+    from workbench.measure.env import cpu_name
+
+    return f"cpu:{platform.node()}:{cpu_name()}:{torch.get_num_threads()}threads"
+
+
+def _time_reads(device: torch.device, nbytes: int, repeats: int) -> float:
+    """Best read bandwidth (bytes/s) of summing a buffer much larger than the caches."""
+    x = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+    best = float("inf")
+    for _ in range(repeats + 1):  # the first pass faults the pages in
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        x.sum()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - t0)
+    del x
+    return nbytes / best
+
+
+def memory_bandwidth(device: torch.device, refresh: bool = False) -> tuple[float, str]:
+    """Read bandwidth of `device` in bytes/s, measured once per machine and thread count, then cached."""
+    path = cache_dir() / "bandwidth.json"
+    try:
+        cached = json.loads(path.read_text())
+    except (OSError, ValueError):
+        cached = {}
+    key = _machine_key(device)
+    if key in cached and not refresh:
+        return cached[key], f"cached read bandwidth ({key})"
+    nbytes = _PROBE_BYTES * (4 if device.type == "cuda" else 1)
+    bw = _time_reads(device, nbytes, repeats=5)
+    cached[key] = bw
+    try:
+        path.write_text(json.dumps(cached, indent=1))
+    except OSError as e:
+        logger.warning("cannot cache the bandwidth in %s: %s", path, e)
+    return bw, f"read bandwidth measured by summing {nbytes >> 20} MiB ({key})"
+
+
+def roofline(bandwidth: float, bytes_per_step: int, batch: int, decode_tokens_per_s: float | None,
+             method: str) -> RooflineStats:
+    """The decode bound for `batch` rows per step and how close the measured decode came to it."""
+    per_token = bytes_per_step / batch
+    bound = bandwidth / per_token if per_token else None
+    fraction = decode_tokens_per_s / bound if bound and decode_tokens_per_s else None
+    return RooflineStats(bandwidth_bytes_per_s=bandwidth, bytes_per_token=int(per_token),
+                         decode_bound_tokens_per_s=bound, fraction_of_bound=fraction,
+                         method=method + "; bytes per token = (weights read per decode step + mean KV "
+                         "cache) / batch; a model that fits in the CPU caches can exceed the DRAM bound")

@@ -1,0 +1,143 @@
+"""Load a model and tokenizer from a source, and estimate a run's memory before allocating anything."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from workbench.errors import InsufficientMemory, ModelSourceError
+from workbench.models.sources import TINY_DIR, TORCH_DTYPES, ModelSource, _hub_kwargs, load_config
+
+logger = logging.getLogger(__name__)
+
+_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
+
+
+@dataclass
+class Loaded:
+    """A live model and its tokenizer (core-internal: never handed to the UI)."""
+
+    model: torch.nn.Module
+    tokenizer: Any
+    source: ModelSource
+    device: torch.device
+
+
+def load_tokenizer(source: ModelSource, trust_remote_code: bool = False) -> Any:
+    """The source's tokenizer; presets borrow the reference tokenizer (their ids past it decode as <id>)."""
+    from transformers import AutoTokenizer
+
+    where = str(TINY_DIR) if source.kind in ("preset", "reference") else source.location
+    try:
+        tok = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code, **_hub_kwargs(source))
+    except (OSError, ValueError, KeyError) as e:
+        raise ModelSourceError(f"cannot load the tokenizer of {source.spec!r}: {str(e).splitlines()[0]}") from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"
+    return tok
+
+
+def _weights_error(source: ModelSource, error: Exception) -> ModelSourceError:
+    """Turn a loader exception into one sentence."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    low = text.lower()
+    if "safetensor" in type(error).__name__.lower() or "header" in low or "deserializ" in low or "incomplete" in low:
+        return ModelSourceError(f"the weights of {source.spec!r} are corrupt or truncated ({text})")
+    if "size mismatch" in low or "shape" in low:
+        return ModelSourceError(f"the weights of {source.spec!r} do not match its config.json ({text})")
+    if "no file named" in low or "does not appear to have" in low:
+        return ModelSourceError(f"{source.spec!r} has no weights file (model.safetensors) next to its config")
+    return ModelSourceError(f"cannot load the weights of {source.spec!r}: {text}")
+
+
+def load_model(source: ModelSource, dtype: str, device: torch.device, *, trust_remote_code: bool = False,
+               seed: int = 0) -> Loaded:
+    """Load weights (or build a preset with seeded random weights) onto `device` in `dtype`."""
+    from transformers import AutoModelForCausalLM
+
+    torch_dtype = TORCH_DTYPES[dtype]
+    if source.kind == "preset":
+        config = load_config(source)
+        torch.manual_seed(seed)
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+    else:
+        kwargs: dict[str, Any] = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code, **_hub_kwargs(source)}
+        if device.type == "cuda":
+            kwargs["device_map"] = {"": device}
+        try:
+            model = AutoModelForCausalLM.from_pretrained(source.location, **kwargs)
+        except ModelSourceError:
+            raise
+        except ValueError as e:
+            if "trust_remote_code" in str(e):
+                raise ModelSourceError(f"{source.spec!r} needs its own Python code to run; pass "
+                                       "--trust-remote-code only if you trust its authors") from None
+            raise _weights_error(source, e) from None
+        except (OSError, RuntimeError, KeyError, TypeError) as e:
+            raise _weights_error(source, e) from None
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own SafetensorError
+            raise _weights_error(source, e) from None
+        model.to(device)
+    model.eval()
+    return Loaded(model, load_tokenizer(source, trust_remote_code), source, device)
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes a run needs, estimated from the config alone (before loading)."""
+
+    params: int
+    weights: int
+    kv_cache: int
+    activations: int
+
+    @property
+    def total(self) -> int:
+        """Everything added up."""
+        return self.weights + self.kv_cache + self.activations
+
+
+def kv_bytes_per_token(config: Any, dtype: str) -> int:
+    """K and V of every layer for one token of one sequence."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    layers = text.num_hidden_layers
+    heads = text.num_attention_heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    return 2 * layers * kv_heads * head_dim * _BYTES[dtype]
+
+
+def count_params(config: Any, trust_remote_code: bool = False) -> int:
+    """Exact parameter count, from a model built on the meta device (no memory used)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    return sum(p.numel() for p in model.parameters())
+
+
+def estimate(source: ModelSource, *, dtype: str, batch: int, tokens: int, eval_batch_tokens: int,
+             trust_remote_code: bool = False) -> MemoryEstimate:
+    """Weights + KV cache for batch x tokens + the largest activations (prefill MLP, eval logits)."""
+    config = load_config(source, trust_remote_code)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    params = count_params(config, trust_remote_code)
+    width = max(text.hidden_size * 4, getattr(text, "intermediate_size", 0) or 0)
+    activations = batch * tokens * width * 4 * 3 + eval_batch_tokens * text.vocab_size * 4 * 3
+    return MemoryEstimate(params, params * _BYTES[dtype], kv_bytes_per_token(config, dtype) * batch * tokens, activations)
+
+
+def check_fits(est: MemoryEstimate, available: int, where: str, batch: int) -> None:
+    """Refuse, with the numbers, a run whose estimate exceeds 90% of what is available."""
+    if est.total <= 0.9 * available:
+        return
+    gib = 1 << 30
+    raise InsufficientMemory(
+        f"this run needs about {est.total / gib:.1f} GiB on {where} (weights {est.weights / gib:.1f} GiB, "
+        f"KV cache {est.kv_cache / gib:.1f} GiB for batch {batch}, activations {est.activations / gib:.1f} GiB) "
+        f"but only {available / gib:.1f} GiB is free; lower --batch-size, the token counts, or the dtype")

@@ -1,0 +1,167 @@
+"""Frozen result dataclasses: what a run measured, with the JSON layout of DESIGN.md."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from workbench.config import RunConfig
+from workbench.serde import from_dict, to_dict
+
+
+@dataclass(frozen=True)
+class Percentiles:
+    """p50 / p90 / p99 of one latency quantity, in milliseconds."""
+
+    p50: float
+    p90: float
+    p99: float
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """The loaded model as measured after all techniques were applied."""
+
+    name: str
+    params: int
+    weight_bytes: int
+    random_weights: bool
+    dtype: str
+    device: str
+    architecture: str = ""
+    source: str = ""
+
+
+@dataclass(frozen=True)
+class RepeatTiming:
+    """One measured `generate` call: times in ms from its start; `token_ms[i]` when token i appeared."""
+
+    ttft_ms: float
+    e2e_ms: float
+    token_ms: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class LatencyStats:
+    """Latency percentiles and throughput over the measured repeats (warm-up excluded)."""
+
+    ttft_ms: Percentiles | None
+    tpot_ms: Percentiles | None
+    itl_ms: Percentiles | None
+    e2e_ms: Percentiles | None
+    prefill_tokens_per_s: float | None
+    decode_tokens_per_s: float | None
+    cv: float | None
+    warmup: int
+    repeats: int
+    new_tokens: int
+    prompt_tokens: int = 0
+    batch_size: int = 1
+    measured_s: float = 0.0
+    samples: tuple[RepeatTiming, ...] = ()
+
+
+@dataclass(frozen=True)
+class MemoryStats:
+    """Bytes: real weight storage, KV cache, host high-water marks (load vs run), GPU allocator peaks."""
+
+    weights_bytes: int | None
+    kv_cache_bytes: int | None
+    load_peak_host_bytes: int | None
+    peak_host_bytes: int | None
+    peak_gpu_allocated_bytes: int | None
+    peak_gpu_reserved_bytes: int | None
+    idle_host_bytes: int | None = None
+    gpu_used_bytes_nvml: int | None = None
+    load_peak_gpu_allocated_bytes: int | None = None
+    host_method: str = ""
+
+
+@dataclass(frozen=True)
+class AccuracyStats:
+    """Quality on held-out text, and agreement with the unmodified model."""
+
+    perplexity: float | None
+    next_token_accuracy: float | None
+    kl_vs_baseline: float | None
+    top1_agreement_vs_baseline: float | None
+    greedy_match_vs_baseline: float | None
+    eval_tokens: int | None
+    definition: str
+
+
+@dataclass(frozen=True)
+class RooflineStats:
+    """Decode speed against the memory-bandwidth bound: every weight byte is read once per step."""
+
+    bandwidth_bytes_per_s: float | None
+    bytes_per_token: int | None
+    decode_bound_tokens_per_s: float | None
+    fraction_of_bound: float | None
+    method: str = ""
+
+
+@dataclass(frozen=True)
+class TechniqueRecord:
+    """One applied technique: its parameters, whether it only simulates, and what to know about it."""
+
+    name: str
+    kind: str
+    params: dict[str, Any]
+    simulated: bool
+    notes: str = ""
+
+
+@dataclass(frozen=True)
+class EnvInfo:
+    """Where the run happened."""
+
+    python: str
+    torch: str
+    transformers: str
+    cpu: str
+    threads: int
+    gpu: str | None
+    driver: str | None
+    workbench_version: str
+    git_commit: str | None
+    platform: str = ""
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """Everything one run measured. `status` is ok, stopped (partial) or error."""
+
+    config: RunConfig
+    model: ModelInfo | None
+    latency: LatencyStats | None
+    memory: MemoryStats | None
+    accuracy: AccuracyStats | None
+    roofline: RooflineStats | None
+    techniques: tuple[TechniqueRecord, ...]
+    env: EnvInfo | None
+    warnings: tuple[str, ...] = ()
+    status: str = "ok"
+    error: str | None = None
+    output_text: str = ""
+    started_at: str = ""
+    duration_s: float = 0.0
+    run_id: int | None = field(default=None, compare=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict with the DESIGN.md keys (for JSON and the store)."""
+        return to_dict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunResult:
+        """Inverse of `to_dict`."""
+        return from_dict(cls, data)
+
+    def to_json(self, **kwargs: Any) -> str:
+        """One JSON object."""
+        return json.dumps(self.to_dict(), **kwargs)
+
+    def with_id(self, run_id: int) -> RunResult:
+        """The same result carrying the store's row id."""
+        return replace(self, run_id=run_id)

@@ -1,0 +1,180 @@
+"""SQLite results store: one row per run, written in one transaction when the run ends."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from workbench.config import RunConfig
+from workbench.errors import StoreError
+from workbench.result import RunResult
+
+DEFAULT_PATH = "workbench-results.sqlite"
+SCHEMA_VERSION = 1
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS workbench_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS runs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    created_at TEXT NOT NULL,
+    status TEXT NOT NULL,
+    model TEXT NOT NULL,
+    dtype TEXT NOT NULL,
+    device TEXT,
+    techniques TEXT NOT NULL,
+    config_hash TEXT NOT NULL,
+    decode_tokens_per_s REAL,
+    ttft_ms_p50 REAL,
+    e2e_ms_p50 REAL,
+    weights_bytes INTEGER,
+    peak_host_bytes INTEGER,
+    perplexity REAL,
+    kl_vs_baseline REAL,
+    error TEXT,
+    config_json TEXT NOT NULL,
+    result_json TEXT
+);
+CREATE INDEX IF NOT EXISTS runs_config_hash ON runs (config_hash);
+"""
+SUMMARY_COLUMNS = ("id", "created_at", "status", "model", "dtype", "device", "techniques", "decode_tokens_per_s",
+                   "ttft_ms_p50", "e2e_ms_p50", "weights_bytes", "peak_host_bytes", "perplexity", "kl_vs_baseline",
+                   "error")
+
+
+def config_hash(config: RunConfig) -> str:
+    """Stable id of a configuration (same settings, same hash): used to find and resume runs."""
+    return hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True).encode()).hexdigest()[:20]
+
+
+class Store:
+    """A results database. Opening a file that is not one (or is corrupt) raises StoreError; it is never recreated."""
+
+    def __init__(self, path: str | Path = DEFAULT_PATH) -> None:
+        self.path = Path(path)
+        if self.path.is_dir():
+            raise StoreError(f"results store {str(self.path)!r} is a folder; give a file name such as {DEFAULT_PATH}")
+        if not self.path.parent.exists():
+            raise StoreError(f"results store {str(self.path)!r}: folder {str(self.path.parent)!r} does not exist")
+        self._check_and_init()
+
+    @contextmanager
+    def _connect(self) -> Iterator[sqlite3.Connection]:
+        try:
+            conn = sqlite3.connect(self.path, timeout=30)
+        except sqlite3.Error as e:
+            raise StoreError(f"cannot open results store {str(self.path)!r}: {e}") from None
+        try:
+            yield conn
+        except sqlite3.DatabaseError as e:
+            raise StoreError(f"results store {str(self.path)!r} is unusable ({e}); it was left untouched — "
+                             "move it away or pass --store to use another file") from None
+        finally:
+            conn.close()
+
+    def _check_and_init(self) -> None:
+        with self._connect() as conn:
+            tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+            if tables and "runs" not in tables:
+                raise StoreError(f"{str(self.path)!r} is an SQLite database but not a workbench results store "
+                                 f"(tables: {', '.join(sorted(tables))}); pass --store to use another file")
+            if "workbench_meta" in tables:
+                row = conn.execute("SELECT value FROM workbench_meta WHERE key='schema_version'").fetchone()
+                if row and int(row[0]) > SCHEMA_VERSION:
+                    raise StoreError(f"{str(self.path)!r} was written by a newer workbench (schema {row[0]})")
+            check = conn.execute("PRAGMA quick_check").fetchone()[0]
+            if check != "ok":
+                raise StoreError(f"results store {str(self.path)!r} is corrupt ({check}); it was left untouched")
+            with conn:
+                conn.executescript(_SCHEMA)
+                conn.execute("INSERT OR IGNORE INTO workbench_meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+
+    def add(self, result: RunResult) -> int:
+        """Store one finished (or stopped) run in one transaction; return its id."""
+        lat, mem, acc, cfg = result.latency, result.memory, result.accuracy, result.config
+        row = {
+            "created_at": result.started_at, "status": result.status, "model": cfg.model, "dtype": cfg.dtype,
+            "device": result.model.device if result.model else cfg.device,
+            "techniques": " + ".join(cfg.techniques), "config_hash": config_hash(cfg),
+            "decode_tokens_per_s": lat.decode_tokens_per_s if lat else None,
+            "ttft_ms_p50": lat.ttft_ms.p50 if lat and lat.ttft_ms else None,
+            "e2e_ms_p50": lat.e2e_ms.p50 if lat and lat.e2e_ms else None,
+            "weights_bytes": mem.weights_bytes if mem else None,
+            "peak_host_bytes": mem.peak_host_bytes if mem else None,
+            "perplexity": acc.perplexity if acc else None, "kl_vs_baseline": acc.kl_vs_baseline if acc else None,
+            "error": result.error, "config_json": cfg.to_json(), "result_json": result.to_json(),
+        }
+        return self._insert(row)
+
+    def add_error(self, config: RunConfig, message: str, started_at: str = "") -> int:
+        """Record a failed run: its settings and the error sentence, no measurements."""
+        import datetime as dt
+
+        row = {"created_at": started_at or dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+               "status": "error", "model": config.model, "dtype": config.dtype, "device": config.device,
+               "techniques": " + ".join(config.techniques), "config_hash": config_hash(config), "error": message,
+               "config_json": config.to_json(), "result_json": None}
+        return self._insert(row)
+
+    def _insert(self, row: dict[str, Any]) -> int:
+        cols = ", ".join(row)
+        marks = ", ".join("?" for _ in row)
+        with self._connect() as conn, conn:  # one transaction: all of the row or none of it
+            cur = conn.execute(f"INSERT INTO runs ({cols}) VALUES ({marks})", tuple(row.values()))
+            return int(cur.lastrowid)
+
+    def get(self, run_id: int) -> RunResult:
+        """The full result of one stored run (errors have no result: StoreError)."""
+        with self._connect() as conn:
+            row = conn.execute("SELECT result_json, status, error FROM runs WHERE id=?", (run_id,)).fetchone()
+        if row is None:
+            raise StoreError(f"no run {run_id} in {str(self.path)!r}")
+        if row[0] is None:
+            raise StoreError(f"run {run_id} failed ({row[2]}); it has no measurements")
+        return RunResult.from_dict(json.loads(row[0])).with_id(run_id)
+
+    def summaries(self, limit: int | None = None, status: str | None = None) -> list[dict[str, Any]]:
+        """The summary columns of stored runs, newest first."""
+        sql = f"SELECT {', '.join(SUMMARY_COLUMNS)} FROM runs"
+        args: tuple = ()
+        if status:
+            sql, args = sql + " WHERE status=?", (status,)
+        sql += " ORDER BY id DESC" + (f" LIMIT {int(limit)}" if limit else "")
+        with self._connect() as conn:
+            return [dict(zip(SUMMARY_COLUMNS, r)) for r in conn.execute(sql, args)]
+
+    def results(self, status: str | None = "ok") -> list[RunResult]:
+        """Full results of stored runs (oldest first), by default only the successful ones."""
+        sql = "SELECT id, result_json FROM runs WHERE result_json IS NOT NULL"
+        args: tuple = ()
+        if status:
+            sql, args = sql + " AND status=?", (status,)
+        with self._connect() as conn:
+            rows = conn.execute(sql + " ORDER BY id", args).fetchall()
+        return [RunResult.from_dict(json.loads(js)).with_id(rid) for rid, js in rows]
+
+    def hashes(self, status: str = "ok") -> set[str]:
+        """Config hashes of stored runs with this status (what a sweep can skip)."""
+        with self._connect() as conn:
+            return {r[0] for r in conn.execute("SELECT config_hash FROM runs WHERE status=?", (status,))}
+
+    def dataframe(self, include_errors: bool = True):  # -> pandas.DataFrame
+        """One row per run, nested result keys flattened with dots (per-token samples left out)."""
+        import pandas as pd
+
+        with self._connect() as conn:
+            rows = conn.execute("SELECT id, status, error, config_json, result_json FROM runs ORDER BY id").fetchall()
+        records = []
+        for rid, status, error, config_json, result_json in rows:
+            if result_json is None and not include_errors:
+                continue
+            data = json.loads(result_json) if result_json else {"config": json.loads(config_json)}
+            if data.get("latency"):
+                data["latency"].pop("samples", None)
+            records.append({"id": rid, "status": status, "error": error, **data})
+        if not records:
+            return pd.DataFrame(columns=["id", "status", "error"])
+        return pd.json_normalize(records, sep=".")

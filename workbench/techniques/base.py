@@ -1,0 +1,177 @@
+"""The technique registry: one config dataclass per technique, one handler per config type."""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from workbench.config import check_fields
+from workbench.errors import ConfigError
+from workbench.result import TechniqueRecord
+
+KINDS = ("quant", "prune")
+
+
+@dataclass(frozen=True)
+class TechniqueConfig:
+    """Base of every technique config: fields are its parameters (help text in their metadata)."""
+
+    name: ClassVar[str] = ""
+    kind: ClassVar[str] = ""  # "quant" | "prune"
+    simulated: ClassVar[bool] = False  # True: changes accuracy only (fake quant, masks), never speed
+    summary: ClassVar[str] = ""  # one line for listings and tooltips
+    packs_weights: ClassVar[bool] = False  # replaces float weights by packed/quantized storage
+    needs_float_weights: ClassVar[bool] = False  # reads or edits float weights (pruning, fake quant)
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        self.validate()
+
+    def validate(self) -> None:
+        """Cross-field checks; raise ValueError naming the allowed values."""
+
+    @classmethod
+    def unavailable(cls, device: torch.device) -> str | None:
+        """Why this technique cannot run on `device` (None: it can)."""
+        return None
+
+    def spec(self) -> str:
+        """Canonical `NAME:key=value,...` with every parameter spelled out."""
+        params = ",".join(f"{k}={_fmt(v)}" for k, v in self.params().items())
+        return f"{self.name}:{params}" if params else self.name
+
+    def label(self) -> str:
+        """Short form for tables and legends: the name and the parameters that differ from the defaults."""
+        changed = [f"{f.name}={_fmt(getattr(self, f.name))}" for f in dataclasses.fields(self)
+                   if getattr(self, f.name) != f.default]
+        return f"{self.name}:{','.join(changed)}" if changed else self.name
+
+    def params(self) -> dict[str, Any]:
+        """Parameter values by name."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def notes(self) -> str:
+        """What a user should know about the numbers this technique produces."""
+        return ""
+
+    def conflicts_with(self, earlier: TechniqueConfig | None, dtype: str) -> str | None:
+        """Why this technique cannot follow `earlier` (or, with None, run in `dtype`); None if fine."""
+        return None
+
+    def conflicts_before(self, later: TechniqueConfig, dtype: str) -> str | None:
+        """Why `later` cannot follow this technique; None if fine."""
+        return None
+
+
+@dataclass
+class ApplyContext:
+    """What a handler may use: the live model, tokenizer, device, dtype, progress and notes."""
+
+    model: torch.nn.Module
+    tokenizer: Any
+    device: torch.device
+    dtype: str
+    on_progress: Callable[[str, float | None], None]
+    notes: list[str] = dataclasses.field(default_factory=list)
+
+    def calibration_batches(self, tokens: int, seq_len: int = 128) -> list[torch.Tensor]:
+        """Calibration text (a slice of the reference corpus's training split) as (1, seq_len) id tensors."""
+        from workbench.textio import calibration_text, encode
+
+        ids = encode(self.tokenizer, calibration_text())
+        vocab = getattr(self.model.config, "vocab_size", None)
+        if vocab:
+            ids = [i for i in ids if i < vocab]
+        n = max(1, min(tokens, len(ids)) // seq_len)
+        return [torch.tensor([ids[i * seq_len:(i + 1) * seq_len]], device=self.device) for i in range(n)]
+
+
+Handler = Callable[[TechniqueConfig, ApplyContext], torch.nn.Module | None]
+REGISTRY: dict[str, type[TechniqueConfig]] = {}
+_HANDLERS: dict[type[TechniqueConfig], Handler] = {}
+
+
+def register(cls: type[TechniqueConfig]) -> type[TechniqueConfig]:
+    """Class decorator: make a technique config known by its `name`."""
+    if cls.kind not in KINDS or not cls.name:
+        raise TypeError(f"{cls.__name__} needs a name and a kind in {KINDS}")
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+def register_handler(config_type: type[TechniqueConfig]) -> Callable[[Handler], Handler]:
+    """Decorator: the function that applies `config_type` to a model (returns a new model or None)."""
+    def wrap(fn: Handler) -> Handler:
+        _HANDLERS[config_type] = fn
+        return fn
+    return wrap
+
+
+def handler_for(config: TechniqueConfig) -> Handler:
+    """The handler registered for this config's type."""
+    return _HANDLERS[type(config)]
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def _coerce(raw: str, hint: Any, key: str, name: str) -> Any:
+    """Turn the text of `key=value` into the field's type."""
+    types = [a for a in (typing.get_args(hint) or (hint,)) if a is not type(None)]
+    if raw.lower() in ("none", "null") and type(None) in typing.get_args(hint):
+        return None
+    for tp in types:
+        try:
+            if tp is bool:
+                if raw.lower() in ("true", "1", "yes", "on"):
+                    return True
+                if raw.lower() in ("false", "0", "no", "off"):
+                    return False
+                continue
+            if tp in (int, float, str):
+                return tp(raw)
+        except ValueError:
+            continue
+    expected = " or ".join(getattr(t, "__name__", str(t)) for t in types)
+    raise ConfigError(f"{name}: {key}={raw!r} is not a valid {expected}")
+
+
+def parse_spec(spec: str) -> TechniqueConfig:
+    """`NAME` or `NAME:key=value,key=value` -> the validated config (ConfigError on anything wrong)."""
+    text = spec.strip()
+    # a registered name may contain ':' (e.g. "2:4"): the longest one followed by the end or ':' wins
+    named = [n for n in REGISTRY if text == n or text.startswith(n + ":")]
+    name = max(named, key=len) if named else text.partition(":")[0]
+    rest = text[len(name) + 1:]
+    cls = REGISTRY.get(name)
+    if cls is None:
+        raise ConfigError(f"unknown technique {name!r}; known: {', '.join(sorted(REGISTRY)) or 'none'}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for item in filter(None, (p.strip() for p in rest.split(","))):
+        key, eq, raw = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not eq or key not in fields:
+            raise ConfigError(f"{name}: unknown parameter {key!r}; parameters: {', '.join(sorted(fields)) or 'none'}")
+        kwargs[key] = _coerce(raw.strip(), hints[key], key, name)
+    try:
+        return cls(**kwargs)
+    except ValueError as e:
+        raise ConfigError(f"{name}: {e}") from None
+
+
+def record(config: TechniqueConfig, notes: list[str]) -> TechniqueRecord:
+    """What the result says about an applied technique."""
+    text = "; ".join(n for n in [config.notes(), *notes] if n)
+    return TechniqueRecord(config.name, config.kind, config.params(), config.simulated, text)

@@ -1,0 +1,120 @@
+"""Text in and out: prompts, the held-out evaluation text, and streaming-safe decoding."""
+
+from __future__ import annotations
+
+import functools
+import gzip
+from pathlib import Path
+from typing import Any
+
+from workbench.config import DEFAULT_PROMPT, RunConfig
+from workbench.errors import ConfigError
+from workbench.models.sources import TINY_DIR
+
+
+HELDOUT_FILE, CALIBRATION_FILE = "heldout.txt.gz", "calibration.txt.gz"
+
+
+def read_gz(path: Path) -> str:
+    """Text of a gzip-compressed UTF-8 file."""
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        return f.read()
+
+
+def write_gz(path: Path, text: str) -> None:
+    """Write UTF-8 text gzip-compressed, byte-for-byte reproducible (no timestamp in the header)."""
+    with open(path, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0, filename="") as f:
+        f.write(text.encode("utf-8"))
+
+
+@functools.cache
+def heldout_text() -> str:
+    """The reference corpus's held-out split (shipped with the reference model)."""
+    return read_gz(TINY_DIR / HELDOUT_FILE)
+
+
+@functools.cache
+def calibration_text() -> str:
+    """A slice of the reference corpus's training split, for calibration (static quantization, Wanda)."""
+    return read_gz(TINY_DIR / CALIBRATION_FILE)
+
+
+_ids_cache: dict[int, list[int]] = {}
+
+
+def heldout_ids(tokenizer: Any) -> list[int]:
+    """The held-out text tokenized by `tokenizer` (cached per tokenizer object)."""
+    key = id(tokenizer)
+    if key not in _ids_cache:
+        _ids_cache[key] = encode(tokenizer, heldout_text())
+    return _ids_cache[key]
+
+
+def encode(tokenizer: Any, text: str) -> list[int]:
+    """Token ids of `text`, no special tokens added, no length warnings for long texts."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        return backend.encode(text, add_special_tokens=False).ids
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def build_prompts(config: RunConfig, tokenizer: Any, vocab_size: int) -> list[list[int]]:
+    """One prompt per batch row, all the same length (no padding needed).
+
+    Text prompts repeat in every row; `prompt_tokens=N` cuts each row's N tokens from a different
+    place in the held-out text, so rows differ.
+    """
+    if config.prompt_tokens is None:
+        ids = encode(tokenizer, config.prompt if config.prompt is not None else DEFAULT_PROMPT)
+        if not ids:
+            raise ConfigError("the prompt encodes to zero tokens; give some text")
+        rows = [ids] * config.batch_size
+    else:
+        stream = heldout_ids(tokenizer)
+        n = config.prompt_tokens
+        while len(stream) < n * config.batch_size:
+            stream = stream + stream
+        rows = [stream[i * n:(i + 1) * n] for i in range(config.batch_size)]
+    if max(max(r) for r in rows) >= vocab_size:
+        raise ConfigError(f"the tokenizer produced ids beyond the model's vocabulary of {vocab_size}")
+    return rows
+
+
+class IncrementalDecoder:
+    """Decode a growing token list into new text pieces, holding back incomplete UTF-8 sequences.
+
+    Ids the tokenizer does not know (random-weight presets have larger vocabularies than the
+    tokenizer they borrow) are shown as <id>.
+    """
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.size = len(tokenizer)
+        self.ids: list[int] = []
+        self.prefix = 0  # ids[prefix:read] were already shown; decoding from `prefix` keeps context
+        self.read = 0
+
+    def decode(self, ids: list[int]) -> str:
+        """Decode a whole list (unknown ids as <id>)."""
+        parts, run = [], []
+        for i in ids:
+            if i < self.size:
+                run.append(i)
+                continue
+            if run:
+                parts.append(self.tokenizer.decode(run))
+                run = []
+            parts.append(f"<{i}>")
+        if run:
+            parts.append(self.tokenizer.decode(run))
+        return "".join(parts)
+
+    def push(self, token: int) -> str:
+        """Add one token; return the text that became printable (constant work per token)."""
+        self.ids.append(token)
+        shown = self.decode(self.ids[self.prefix:self.read])
+        text = self.decode(self.ids[self.prefix:])
+        if len(text) <= len(shown) or text.endswith("\ufffd"):
+            return ""
+        self.prefix, self.read = self.read, len(self.ids)
+        return text[len(shown):]
