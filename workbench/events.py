@@ -22,13 +22,15 @@ class StageEvent:
 
 @dataclass(frozen=True)
 class TokenEvent:
-    """One generated token: `t_ms` after its `generate` call started; `text` is row 0's new text."""
+    """One generated token: `t_ms` after its `generate` call started, `gap_ms` after the previous token
+    (TTFT for the first); `text` is row 0's new text."""
 
     phase: str  # "warmup" | "measure"
     repeat: int
     index: int
     t_ms: float
     text: str
+    gap_ms: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -51,9 +53,11 @@ class MetricEvent:
 
 @dataclass(frozen=True)
 class WarningEvent:
-    """Something qualifies the numbers (noisy machine, random weights, early EOS...)."""
+    """Something qualifies the numbers (noisy machine, random weights, early EOS...); `section` names
+    the RunResult part it qualifies (latency, accuracy, memory) or "run"."""
 
     message: str
+    section: str = "run"
 
 
 @dataclass(frozen=True)

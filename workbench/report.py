@@ -85,10 +85,12 @@ def format_result(r: RunResult) -> str:
 
 def format_summaries(rows: list[dict[str, Any]]) -> str:
     """The `workbench results` listing."""
+    from workbench.analysis import technique_labels
+
     body = [(r["id"], (r["created_at"] or "")[:19].replace("T", " "), r["status"], r["model"], r["dtype"],
-             r["techniques"] or "-", _num(r["decode_tokens_per_s"], ".1f"), _num(r["ttft_ms_p50"], ".1f"),
-             human_bytes(r["weights_bytes"]), _num(r["perplexity"]), _num(r["kl_vs_baseline"], ".4f"),
-             (r["error"] or "")[:60]) for r in rows]
+             technique_labels(r["techniques"].split(" + ")) if r["techniques"] else "-",
+             _num(r["decode_tokens_per_s"], ".1f"), _num(r["ttft_ms_p50"], ".1f"), human_bytes(r["weights_bytes"]),
+             _num(r["perplexity"]), _num(r["kl_vs_baseline"], ".4f"), (r["error"] or "")[:60]) for r in rows]
     return table(body, ("id", "when (UTC)", "status", "model", "dtype", "techniques", "decode tok/s", "TTFT ms",
                         "weights", "ppl", "KL", "error"))
 

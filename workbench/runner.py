@@ -76,9 +76,9 @@ class _Run:
     def stage(self, name: str, state: str, message: str = "", fraction: float | None = None) -> None:
         self.on_event(StageEvent(name, state, message, fraction, time.perf_counter() - self.t0))
 
-    def warn(self, message: str) -> None:
+    def warn(self, message: str, section: str = "run") -> None:
         self.warnings.append(message)
-        self.on_event(WarningEvent(message))
+        self.on_event(WarningEvent(message, section))
 
     def stop_requested(self) -> bool:
         if not self.stopped and self.should_stop():
@@ -116,7 +116,7 @@ class _Run:
         check_fits(est, available_bytes(self.device), "the GPU" if self.device.type == "cuda" else "this machine",
                    cfg.batch_size)
         if self.source.random_weights:
-            self.warn("random weights (preset): speed and memory only; accuracy is not measured")
+            self.warn("random weights (preset): speed and memory only; accuracy is not measured", "accuracy")
 
     def load_baseline(self) -> None:
         """The unmodified model's predictions: from the cache, or computed once (not timed)."""
@@ -175,8 +175,11 @@ class _Run:
         cfg, model = self.config, self.loaded.model
         decoder = IncrementalDecoder(self.tokenizer) if cfg.token_events else None
 
+        last = [0.0]
+
         def on_token(index: int, t_ms: float, row_tokens: list[int]) -> None:
-            self.on_event(TokenEvent(phase, repeat, index, t_ms, decoder.push(row_tokens[0])))
+            self.on_event(TokenEvent(phase, repeat, index, t_ms, decoder.push(row_tokens[0]), t_ms - last[0]))
+            last[0] = t_ms
 
         clock = TokenClock(self.device, on_token if decoder else None)
         want_cache = self.kv_bytes is None
@@ -238,7 +241,7 @@ class _Run:
             self.latency = summarize(samples, batch=cfg.batch_size, prompt_tokens=len(self.prompt_ids[0]),
                                      warmup=cfg.warmup)
             for w in latency_warnings(self.latency, cfg.max_new_tokens if not self.stopped else 0):
-                self.warn(w)
+                self.warn(w, "latency")
             self.on_event(MetricEvent("latency", self.latency))
         self.stage("measure", "end")
 

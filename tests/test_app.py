@@ -1,0 +1,309 @@
+"""The app without a kernel or a browser: a fake runner emits scripted events; buttons are clicked."""
+
+from __future__ import annotations
+
+import html
+import threading
+
+import pytest
+
+from workbench.config import RunConfig
+from workbench.errors import ModelSourceError
+from workbench.events import MetricEvent, RepeatEvent, StageEvent, TokenEvent, WarningEvent
+from workbench.result import (AccuracyStats, LatencyStats, MemoryStats, ModelInfo, Percentiles, RepeatTiming,
+                              RooflineStats, RunResult)
+from workbench.store import Store
+
+TEXT = ["The", " for", " statement", " is", " used"]
+
+
+def fake_result(config: RunConfig, status: str = "ok", scale: float = 1.0, ppl: float = 20.0) -> RunResult:
+    """A complete, plausible result whose numbers a test can predict."""
+    p = lambda v: Percentiles(v, v * 1.1, v * 1.2)  # noqa: E731
+    sample = RepeatTiming(3.0 * scale, 20.0 * scale, tuple((3.0 + 4 * i) * scale for i in range(5)))
+    lat = LatencyStats(p(3.0 * scale), p(4.0 * scale), p(4.0 * scale), p(20.0 * scale), 2000.0, 250.0 / scale, 0.02,
+                       1, 3, 5, 6, 1, 0.06, (sample,))
+    mem = MemoryStats(24_000_000 * scale, 400_000, 400_000_000, 410_000_000, None, None, 390_000_000, None, None,
+                      "VmHWM")
+    acc = AccuracyStats(ppl, 0.4, 0.01 * scale, 0.97, 1.0, 2048, "test")
+    roof = RooflineStats(15e9, 24_000_000, 600.0, 0.4, "test")
+    model = ModelInfo(config.model, 6_000_000, int(24_000_000 * scale), False, config.dtype, "cpu", "LlamaForCausalLM")
+    return RunResult(config, model, lat, mem, acc, roof, (), None, (), status, None, "".join(TEXT), "2026-11-25T00:00:00",
+                     0.1)
+
+
+class ScriptedRunner:
+    """Emits the stage / token / metric events of a run, optionally waiting or stopping like the real one."""
+
+    def __init__(self, repeats: int = 2, block: threading.Event | None = None, fail: Exception | None = None):
+        self.repeats, self.block, self.fail = repeats, block, fail
+        self.started = threading.Event()
+        self.calls = 0
+
+    def __call__(self, config, on_event, should_stop):
+        self.calls += 1
+        self.started.set()
+        if self.block is not None:
+            self.block.wait(10)
+        if self.fail is not None:
+            raise self.fail
+        on_event(StageEvent("load", "start", "loading"))
+        on_event(StageEvent("load", "end"))
+        on_event(WarningEvent("CV 12% > 10%: noisy machine", "latency"))
+        for r in range(self.repeats):
+            for i, piece in enumerate(TEXT):
+                if should_stop():
+                    result = fake_result(config, status="stopped")
+                    return result
+                on_event(TokenEvent("measure", r, i, 3.0 + 4 * i, piece, 3.0 if i == 0 else 4.0))
+            on_event(RepeatEvent(r, 3.0, 20.0, 250.0))
+        result = fake_result(config)
+        for section in ("latency", "memory", "accuracy", "roofline"):
+            on_event(MetricEvent(section, getattr(result, section)))
+        on_event(StageEvent("evaluate", "end"))
+        return result
+
+
+@pytest.fixture
+def app(tmp_path, monkeypatch):
+    from widgets import Workbench
+
+    monkeypatch.chdir(tmp_path)
+
+    def make(runner=None, **kwargs):
+        return Workbench(store_path=str(tmp_path / "runs.sqlite"), runner=runner or ScriptedRunner(), **kwargs)
+
+    return make
+
+
+def test_run_button_fills_every_plot_text_progress_and_history(app, tmp_path):
+    w = app()
+    assert w.run_button.description == "Run" and w.stop_button.description == "Stop"
+    w.run_button.click()
+    w.wait(10)
+    arrival, gap, ttft = w.latency_plot.widget.data
+    assert list(arrival.x) == [0, 1, 2, 3, 4] and list(arrival.y) == [3.0, 7.0, 11.0, 15.0, 19.0]
+    assert list(gap.y) == [4.0] * 4 and ttft.text[0].startswith("TTFT 3.0")
+    assert "TTFT p50 3.0 ms" in w.latency_plot.widget.layout.title.text
+    assert "weights" in w.memory_plot.widget.data[0].x
+    assert list(w.accuracy_plot.widget.data[0].y) == [0.4, 0.97, 1.0]
+    assert "perplexity 20.00" in w.accuracy_plot.widget.layout.title.text
+    assert list(w.roofline_plot.widget.data[0].x) == [600.0, 250.0]
+    assert w.progress.value == 1.0 and w.progress.description == "done"
+    assert "The for statement is used" in w.text.value
+    assert "noisy machine" in w.latency_notes.value  # the warning sits next to the latency plot
+    assert w.last_result.run_id == 1 and Store(tmp_path / "runs.sqlite").summaries()[0]["status"] == "ok"
+    assert list(w.history.pareto.widget.data[0].x) == [20.0]
+    assert "tiny" in w.history.table.value
+    assert not w.run_button.disabled and w.stop_button.disabled
+
+
+def test_plot_state_survives_a_late_page(app):
+    """plotly #4998: the synced state (what a view that connects later draws) matches the figure."""
+    w = app()
+    w.start()
+    w.wait(10)
+    for fig in (w.latency_plot.widget, w.memory_plot.widget, w.accuracy_plot.widget, w.roofline_plot.widget,
+                w.history.pareto.widget):
+        synced = fig._widget_data
+        assert len(synced) == len(fig.data)
+        for trace, state in zip(fig.data, synced):
+            assert list(trace.x or ()) == list(state.get("x", ()))
+    assert w.latency_plot.widget._widget_layout["title"]["text"] == w.latency_plot.widget.layout.title.text
+
+
+def test_token_redraws_are_throttled(app, monkeypatch):
+    w = app(redraw_interval_s=0.5)
+    calls = []
+    original = w.latency_plot.add
+    monkeypatch.setattr(w.latency_plot, "add", lambda events: (calls.append(len(events)), original(events)))
+    w.start()
+    w.wait(10)
+    assert sum(calls) == 10 and len(calls) <= 4  # 10 tokens in a few batches, not 10 redraws
+
+
+def test_stop_keeps_the_partial_result(app, tmp_path):
+    gate = threading.Event()
+    runner = ScriptedRunner(repeats=100, block=gate)
+    w = app(runner)
+    w.start()
+    runner.started.wait(5)
+    w.stop_button.click()
+    gate.set()
+    w.wait(10)
+    assert w.last_result.status == "stopped"
+    assert w.progress.description == "stopped" and "partial result kept" in w.status.value
+    assert Store(tmp_path / "runs.sqlite").summaries()[0]["status"] == "stopped"
+
+
+def test_second_run_is_refused_politely(app):
+    gate = threading.Event()
+    runner = ScriptedRunner(block=gate)
+    w = app(runner)
+    assert w.start()
+    runner.started.wait(5)
+    assert w.run_button.disabled
+    assert not w.start()
+    assert "already in progress" in w.status.value
+    gate.set()
+    w.wait(10)
+    assert runner.calls == 1
+
+
+@pytest.mark.parametrize("error, expected", [
+    (ModelSourceError("no model folder at './nope'"), "no model folder at './nope'"),
+    (RuntimeError("boom\nwith a second line"), "unexpected RuntimeError: boom"),
+])
+def test_errors_become_one_message_and_an_error_record(app, tmp_path, error, expected):
+    w = app(ScriptedRunner(fail=error))
+    w.start()
+    w.wait(10)
+    message = html.unescape(w.error.value)
+    assert expected in message and "Traceback" not in message and "second line" not in message
+    rows = Store(tmp_path / "runs.sqlite").summaries()
+    assert rows[0]["status"] == "error" and expected in rows[0]["error"]
+    assert not w.run_button.disabled  # the app stays usable
+    w.runner = ScriptedRunner()
+    assert w.start()
+    w.wait(10)
+    assert w.last_result.status == "ok" and w.error.value == ""
+
+
+def test_unavailable_techniques_are_disabled_with_the_reason(app):
+    w = app()
+    row = w.quant.rows["torchao-int4-weight"]
+    assert row.enabled.disabled and "need a CUDA GPU" in row.about.value
+    assert not w.quant.rows["sim"].enabled.disabled
+
+
+def test_impossible_combinations_are_explained_before_run(app):
+    w = app()
+    w.quant.rows["sim"].enabled.value = True
+    w.quant.rows["dynamic-int8"].enabled.value = True
+    assert "two quantizations" in w.problems.value and w.run_button.disabled
+    w.quant.rows["sim"].enabled.value = False
+    assert w.problems.value == "" and not w.run_button.disabled
+    w.model_panel.form.inputs["dtype"].value = "bf16"
+    assert "dynamic-int8" in w.problems.value and w.run_button.disabled
+    w.model_panel.form.inputs["dtype"].value = "fp32"
+    w.prune.rows["magnitude"].enabled.value = True
+    assert w.problems.value == ""
+    assert [s.split(":")[0] for s in w.config().techniques] == ["magnitude", "dynamic-int8"]  # prune first
+
+
+def test_panels_are_generated_from_the_config_fields(app):
+    import dataclasses
+
+    w = app()
+    fields = {f.name: f for f in dataclasses.fields(RunConfig)}
+    new_tokens = w.settings["Workload"].form.inputs["max_new_tokens"]
+    assert new_tokens.tooltip == fields["max_new_tokens"].metadata["help"]
+    assert (new_tokens.min, new_tokens.max) == (1, 32768)
+    new_tokens.value = 7
+    assert w.config().max_new_tokens == 7
+    sim = w.quant.rows["sim"].form.inputs
+    assert sim["granularity"].options == ("per-tensor", "per-channel", "per-group") and sim["bits"].max == 8
+    w.quant.rows["sim"].enabled.value = True
+    sim["bits"].value = 3
+    assert w.config().techniques[0].startswith("sim:bits=3")
+    w.settings["Workload"].form.inputs["prompt"].value = "hello"
+    w.settings["Workload"].form.inputs["prompt_tokens"].value = 5  # an optional field: set it
+    assert "either prompt or prompt_tokens" in w.problems.value and w.run_button.disabled
+
+
+def test_model_panel_marks_presets_and_takes_hub_ids(app):
+    w = app()
+    w.model_panel.source.value = "preset:llama-124m"
+    assert "random weights: speed and memory only" in w.model_panel.note.value
+    assert any("random weights: speed and memory only" in label for label, _ in w.model_panel.source.options)
+    w.model_panel.source.value = "__other__"
+    w.model_panel.other.value = "someorg/some-model"
+    assert w.config().model == "someorg/some-model"
+
+
+def test_set_values_fills_the_inputs(app):
+    w = app()
+    w.set_values(model="preset:gpt2-124m", dtype="bf16", threads=2, max_new_tokens=9,
+                 techniques=("magnitude:sparsity=0.25", "sim:bits=4"))
+    cfg = w.config()
+    assert (cfg.model, cfg.dtype, cfg.threads, cfg.max_new_tokens) == ("preset:gpt2-124m", "bf16", 2, 9)
+    assert [s.split(",")[0] for s in cfg.techniques] == ["magnitude:sparsity=0.25", "sim:bits=4"]
+    w.set_values(model="./my-model")
+    assert w.config().model == "./my-model"
+    with pytest.raises(ValueError, match="not RunConfig fields"):
+        w.set_values(colour="blue")
+
+
+def test_budget_line_follows_the_input(app):
+    w = app()
+    w.budget.value = 50
+    assert w.latency_plot.widget.layout.shapes[0].y0 == 50
+    assert "budget 50 ms" in w.latency_plot.widget.layout.annotations[0].text
+
+
+def test_history_pareto_frontier_selection_comparison_and_export(app, tmp_path):
+    store = Store(tmp_path / "runs.sqlite")  # runs made elsewhere (e.g. the CLI)
+    cfg = RunConfig()
+    fast_bad = store.add(fake_result(cfg, scale=0.5, ppl=40.0))  # fast, small, worse accuracy: frontier
+    slow_good = store.add(fake_result(cfg, scale=2.0, ppl=10.0))  # slow, big, best accuracy: frontier
+    dominated = store.add(fake_result(cfg, scale=2.0, ppl=50.0))  # slower and worse than fast_bad: not
+    store.add_error(cfg, "it broke")
+    w = app()
+    pareto = w.history.pareto
+    assert sorted(pareto.run_ids) == [fast_bad, slow_good, dominated]
+    assert pareto.frontier_ids == [fast_bad, slow_good]
+    assert list(pareto.widget.data[1].x) == [10.0, 40.0]
+    assert "it broke" in w.history.table.value
+    run_index = pareto.run_ids.index(dominated)
+    pareto._clicked(pareto.widget.data[0], type("P", (), {"point_inds": [run_index]})(), None)
+    w.history.select(fast_bad)
+    assert w.history.selected == [dominated, fast_bad]
+    assert "B / A" in w.history.comparison.value and "✓" in w.history.comparison.value
+    assert len(pareto.widget.data[2].x) == 2
+    w.history.y.value = "kl_vs_baseline"
+    assert pareto.widget.layout.yaxis.title.text.startswith("KL vs unmodified")
+    text = w.history.export_csv()
+    assert text.count("\n") >= 5 and "data:text/csv;base64," in w.history.export_link.value
+    assert (tmp_path / "workbench-results.csv").exists()
+
+
+def test_sensitivity_panel_draws_a_report(app):
+    from workbench.sensitivity import LayerSensitivity, SensitivityReport, WeightHistogram
+
+    report = SensitivityReport("tiny", "sim:bits=3", 100, (
+        LayerSensitivity("model.layers.0.mlp.up_proj", 0, "mlp.up_proj", 10, 12.0, 0.1),
+        LayerSensitivity("model.layers.1.mlp.up_proj", 1, "mlp.up_proj", 10, 11.0, 0.3)),
+        WeightHistogram("model.layers.1.mlp.up_proj", (0.0, 0.5, 1.0), (3, 7), (5, 5), 8), "test")
+    calls = []
+    w = app(analyzer=lambda model, spec, **kw: (calls.append(spec), report)[1])
+    assert not w.sensitivity.start()  # nothing enabled yet, nothing typed
+    assert "Enable a technique" in w.sensitivity.status.value
+    w.quant.rows["sim"].enabled.value = True
+    assert w.sensitivity.start()
+    w.sensitivity.thread.join(10)
+    assert calls[0].startswith("sim:") and [list(r) for r in w.sensitivity.plots.heatmap.data[0].z] == [[0.1], [0.3]]
+    assert list(w.sensitivity.plots.histogram.data[0].y) == [3, 7]
+
+
+@pytest.mark.slow
+def test_real_core_through_the_app_fills_every_plot(app):
+    from workbench.runner import run
+
+    w = app(run)
+    form = {**w.settings["Workload"].form.inputs, **w.settings["Measurement"].form.inputs,
+            **w.settings["Accuracy"].form.inputs}
+    form["max_new_tokens"].value, form["warmup"].value, form["repeats"].value = 6, 0, 2
+    form["min_duration_s"].value, form["eval_tokens"].value, form["eval_context"].value = 0.0, 300, 64
+    w.prune.rows["magnitude"].enabled.value = True
+    assert w.start()
+    w.wait(300)
+    assert w.last_result is not None and w.last_result.status == "ok", w.error.value
+    assert len(w.latency_plot.widget.data[0].x) == 6
+    assert len(w.memory_plot.widget.data[0].x) >= 4
+    assert len(w.accuracy_plot.widget.data[0].x) == 3
+    assert len(w.roofline_plot.widget.data[0].x) == 2
+    assert len(w.history.pareto.widget.data[0].x) == 1
+    assert w.text.value.count("wb-output") == 1 and len(w.last_result.output_text) > 0
+    assert w.sensitivity.start()
+    w.sensitivity.thread.join(300)
+    assert w.sensitivity.last_report is not None and len(w.sensitivity.plots.heatmap.data[0].z) == 6

@@ -1,0 +1,80 @@
+"""The teaching notebooks execute top to bottom and end with exercises; they are committed without outputs."""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+
+NOTEBOOKS_DIR = Path(__file__).resolve().parent.parent / "notebooks"
+# The numbered teaching notebooks; the dashboard (notebooks/dashboard.ipynb) is tested with the widgets.
+NOTEBOOKS = sorted(p for p in NOTEBOOKS_DIR.glob("0*.ipynb") if p.name != "dashboard.ipynb")
+_IDS = [p.stem for p in NOTEBOOKS]
+
+
+def _exercises_cell(nb: nbformat.NotebookNode) -> nbformat.NotebookNode | None:
+    """The last cell when it is a markdown cell with an "Exercises" heading, else None."""
+    last = nb.cells[-1] if nb.cells else None
+    if last is None or last.cell_type != "markdown":
+        return None
+    return last if re.search(r"^#+\s*Exercises\b", last.source, flags=re.MULTILINE) else None
+
+
+@pytest.fixture
+def kernel_env(tmp_path, monkeypatch) -> str:
+    """A `python3` kernelspec that runs this interpreter, and the kernel's Jupyter/IPython files in tmp_path.
+
+    The kernel inherits os.environ, so conftest's WORKBENCH_CACHE_DIR, HF_HUB_OFFLINE and
+    TORCHINDUCTOR_CACHE_DIR (temporary, offline) apply to it as well.
+    """
+    from ipykernel.kernelspec import install
+
+    prefix = tmp_path / "jupyter-prefix"
+    install(kernel_name="python3", display_name="Python 3 (workbench tests)", prefix=str(prefix))
+    monkeypatch.setenv("JUPYTER_PATH", str(prefix / "share" / "jupyter"))  # searched before user and env dirs
+    for var, sub in (("JUPYTER_RUNTIME_DIR", "runtime"), ("JUPYTER_CONFIG_DIR", "config"),
+                     ("JUPYTER_DATA_DIR", "data"), ("IPYTHONDIR", "ipython"), ("MPLCONFIGDIR", "mpl")):
+        (tmp_path / sub).mkdir()
+        monkeypatch.setenv(var, str(tmp_path / sub))
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    spec = KernelSpecManager().get_kernel_spec("python3")
+    assert spec.argv[0] == sys.executable, f"the python3 kernel would run {spec.argv[0]}, not {sys.executable}"
+    return "python3"
+
+
+def test_notebooks_found():
+    assert [p.name for p in NOTEBOOKS][:3] == ["01_latency.ipynb", "02_quantization.ipynb", "03_pruning.ipynb"]
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=_IDS)
+def test_committed_clean(path: Path):
+    """Saved without outputs (timings are never diffed), for the python3 kernel, ending with 4-6 exercises."""
+    nb = nbformat.read(path, as_version=4)
+    nbformat.validate(nb)
+    assert nb.metadata.get("kernelspec", {}).get("name") == "python3"
+    dirty = [i for i, c in enumerate(nb.cells) if c.cell_type == "code" and (c.outputs or c.execution_count)]
+    assert not dirty, f"{path.name}: clear the outputs of cells {dirty} before committing"
+    cell = _exercises_cell(nb)
+    assert cell is not None, f"{path.name} must end with a markdown cell headed 'Exercises'"
+    tasks = re.findall(r"^\d+\.\s", cell.source, flags=re.MULTILINE)
+    assert 4 <= len(tasks) <= 6, f"{path.name}: {len(tasks)} exercises; a teacher needs 4 to 6"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=_IDS)
+def test_notebook_executes(path: Path, kernel_env: str):
+    """Every cell runs without error in a fresh kernel (on an in-memory copy: outputs are never written back)."""
+    from nbclient import NotebookClient
+
+    nb = nbformat.read(path, as_version=4)
+    client = NotebookClient(nb, timeout=600, kernel_name=kernel_env,
+                            resources={"metadata": {"path": str(NOTEBOOKS_DIR)}})
+    client.execute()
+    errors = [(i, out.get("ename"), out.get("evalue")) for i, c in enumerate(nb.cells) if c.cell_type == "code"
+              for out in c.outputs if out.output_type == "error"]
+    assert not errors, f"{path.name}: cells raised {errors}"
+    assert _exercises_cell(nb) is not None

@@ -1,0 +1,1 @@
+"""Developer tools: browser automation, screenshots."""

@@ -1,0 +1,338 @@
+"""`Workbench`: the whole app. Inputs on the left, live plots on the right, work in a background thread."""
+
+from __future__ import annotations
+
+import html
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import ipywidgets as W
+
+from widgets.history import HistoryPanel
+from widgets.panels import ModelPanel, SettingsPanel, TechniquesPanel
+from widgets.plots import AccuracyPlot, LatencyPlot, MemoryPlot, RooflinePlot
+from widgets.sensitivity import SensitivityPanel
+from workbench.config import RunConfig
+from workbench.errors import WorkbenchError
+from workbench.events import STAGES, MetricEvent, RepeatEvent, StageEvent, TokenEvent, WarningEvent
+from workbench.result import RunResult
+from workbench.store import DEFAULT_PATH, Store
+
+logger = logging.getLogger(__name__)
+Runner = Callable[..., RunResult]
+_DONE = object()  # end of a run's event stream
+
+CSS = """<style>
+.wb-table {border-collapse: collapse; font-size: 12px; margin: 4px 0}
+.wb-table th, .wb-table td {border: 1px solid #ddd; padding: 2px 6px; text-align: left}
+.wb-table th {background: #f4f4f4}
+.wb-error {color: #b00020; font-weight: 600}
+.wb-warning {color: #8a5300}
+.wb-note {color: #555; font-style: italic}
+.wb-summary {color: #444; font-size: 12px}
+.wb-output {font-family: monospace; white-space: pre-wrap; background: #fafafa; border: 1px solid #eee;
+            padding: 6px; min-height: 3em; max-height: 10em; overflow: auto}
+</style>"""
+
+
+def default_runner() -> Runner:
+    """The real core (imported lazily so building the app stays fast)."""
+    from workbench.runner import run
+
+    return run
+
+
+class Workbench(W.VBox):
+    """The workbench app. Display it as the last expression of a cell; `__init__` never calls display()."""
+
+    def __init__(self, store_path: str = DEFAULT_PATH, runner: Runner | None = None,
+                 analyzer: Callable[..., Any] | None = None, budget_ms: float = 1000.0,
+                 redraw_interval_s: float = 0.1) -> None:
+        from workbench.runner import resolve_device
+
+        self.store_path = store_path
+        self.runner = runner or default_runner()
+        self.redraw_interval_s = redraw_interval_s
+        self.thread: threading.Thread | None = None
+        self._busy = False
+        self.stop_requested = False
+        self.last_result: RunResult | None = None
+        self.last_error: str | None = None
+        device = resolve_device("auto")
+        self.model_panel = ModelPanel()
+        self.quant = TechniquesPanel("quant", device)
+        self.prune = TechniquesPanel("prune", device)
+        self.settings = {group: SettingsPanel(group) for group in ("Workload", "Execution", "Measurement", "Accuracy")}
+        self.latency_plot, self.memory_plot = LatencyPlot(budget_ms), MemoryPlot()
+        self.accuracy_plot, self.roofline_plot = AccuracyPlot(), RooflinePlot()
+        self.history = HistoryPanel(store_path)
+        self.sensitivity = SensitivityPanel(self, analyzer)
+        self._build_controls(budget_ms)
+        super().__init__(self._layout())
+        for panel in (self.model_panel, self.quant, self.prune, *self.settings.values()):
+            panel.observe(lambda _: self.validate())
+        self.validate()
+        self.history.refresh()
+
+    # ------------------------------------------------------------------ layout
+    def _build_controls(self, budget_ms: float) -> None:
+        self.run_button = W.Button(description="Run", button_style="success", icon="play",
+                                   tooltip="Load, apply the techniques, measure (background thread)")
+        self.stop_button = W.Button(description="Stop", button_style="danger", icon="stop", disabled=True,
+                                    tooltip="End the run after the current token; the partial result is kept")
+        self.run_button.on_click(lambda _: self.start())
+        self.stop_button.on_click(lambda _: self.stop())
+        self.budget = W.BoundedFloatText(value=budget_ms, min=1, max=1e7, description="answer within (ms)",
+                                         style={"description_width": "130px"}, layout={"width": "240px"},
+                                         tooltip="The latency budget line: does the whole answer arrive in time?")
+        self.budget.observe(lambda c: self.latency_plot.set_budget(c["new"]), "value")
+        self.problems = W.HTML()
+        self.progress = W.FloatProgress(value=0.0, min=0.0, max=1.0, description="idle",
+                                        style={"description_width": "90px"}, layout={"width": "100%"})
+        self.status = W.HTML()
+        self.error = W.HTML()
+        self.text = W.HTML("<div class='wb-output'></div>")
+        self._text = ""
+        self.latency_notes, self.accuracy_notes, self.run_notes = W.HTML(), W.HTML(), W.HTML()
+        self.model_info = W.HTML()
+
+    def _layout(self) -> list[W.Widget]:
+        inputs = W.Accordion(children=[self.model_panel.box, self.quant.box, self.prune.box,
+                                       *(p.box for p in self.settings.values())],
+                             titles=("Model", "Quantization", "Pruning", "Workload", "Execution", "Measurement",
+                                     "Accuracy"), selected_index=0, layout={"width": "520px"})
+        left = W.VBox([inputs, self.problems, W.HBox([self.run_button, self.stop_button]), self.budget],
+                      layout={"width": "540px"})
+        live = W.VBox([self.progress, self.status, self.error, self.model_info, self.text, self.run_notes],
+                      layout={"flex": "1 1 auto"})
+        plots = W.VBox([
+            W.HBox([W.VBox([self.latency_plot.widget, self.latency_notes]), self.roofline_plot.widget]),
+            W.HBox([self.memory_plot.widget, W.VBox([self.accuracy_plot.widget, self.accuracy_notes])]),
+        ])
+        title = W.HTML(CSS + "<h3 style='margin:4px 0'>LLM Inference Workbench</h3><span class='wb-note'>Choose a "
+                       "model and techniques, press Run: latency, memory and accuracy are measured in one run.</span>")
+        return [title, W.HBox([left, live]), plots,
+                W.HTML("<h4>History</h4>"), self.history.box, W.HTML("<h4>Sensitivity</h4>"), self.sensitivity.box]
+
+    # ------------------------------------------------------------------ settings
+    def set_values(self, **values: Any) -> None:
+        """Fill the inputs from RunConfig field values, e.g. `app.set_values(threads=1, max_new_tokens=64)`."""
+        unknown = set(values) - set(RunConfig.__dataclass_fields__) - {"techniques"}
+        if unknown:
+            raise ValueError(f"not RunConfig fields: {sorted(unknown)}")
+        if "model" in values:
+            self.model_panel.set_model(values.pop("model"))
+        self.model_panel.form.set_values(values)
+        for panel in self.settings.values():
+            panel.form.set_values(values)
+        if "techniques" in values:
+            from workbench.techniques import parse_spec
+
+            chosen = [parse_spec(s) for s in values["techniques"]]
+            for panel in (self.prune, self.quant):
+                panel.set_enabled({c.name: c.params() for c in chosen})
+        self.validate()
+
+    def config(self) -> RunConfig:
+        """The RunConfig the inputs describe (ValueError with the reason when they are invalid)."""
+        values: dict[str, Any] = self.model_panel.values()
+        for panel in self.settings.values():
+            values.update(panel.values())
+        techniques = self.prune.specs() + self.quant.specs()  # prune, then quantize
+        return RunConfig(**values, techniques=tuple(techniques))
+
+    def validate(self) -> RunConfig | None:
+        """Explain an impossible setting before Run (and disable Run); return the config when valid."""
+        from workbench.runner import resolve_device
+        from workbench.techniques import check_combination
+
+        try:
+            config = self.config()
+            check_combination(config.techniques, resolve_device(config.device))
+        except (ValueError, WorkbenchError) as e:
+            self.problems.value = f"<span class='wb-error'>Cannot run: {html.escape(str(e))}</span>"
+            self.run_button.disabled = True
+            return None
+        self.problems.value = ""
+        self.run_button.disabled = self.running
+        return config
+
+    @property
+    def running(self) -> bool:
+        """True from Run until the run's result (or error) is shown."""
+        return self._busy
+
+    # ------------------------------------------------------------------ run / stop
+    def start(self, config: RunConfig | None = None) -> bool:
+        """Start a run in a background thread; refuse politely while one is running."""
+        if self.running:
+            self.status.value = "<span class='wb-warning'>A run is already in progress: press Stop first.</span>"
+            return False
+        config = config or self.validate()
+        if config is None:
+            return False
+        self._reset_view()
+        self.stop_requested, self._busy = False, True
+        self.run_button.disabled, self.stop_button.disabled = True, False
+        self.thread = threading.Thread(target=self._work, args=(config,), name="workbench-run", daemon=True)
+        self.thread.start()
+        return True
+
+    def stop(self) -> None:
+        """Ask the run to end after the current token."""
+        if self.running:
+            self.stop_requested = True
+            self.status.value = "stopping after the current token…"
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Block until the current run's thread ends (for scripts and tests)."""
+        if self.thread is not None:
+            self.thread.join(timeout)
+
+    def _reset_view(self) -> None:
+        self.error.value = self.latency_notes.value = self.accuracy_notes.value = self.run_notes.value = ""
+        self._text, self._buffer = "", []
+        self._set_text("")
+        self.last_error = None
+
+    def _work(self, config: RunConfig) -> None:
+        """The background thread: run, store, show; every error becomes one message.
+
+        The run only queues its events; a second thread draws them, so widget traffic never slows
+        the generation being measured.
+        """
+        events: queue.SimpleQueue = queue.SimpleQueue()
+        pump = threading.Thread(target=self._pump, args=(events,), name="workbench-ui", daemon=True)
+        pump.start()
+        result: RunResult | None = None
+        try:
+            result = self.runner(config, on_event=events.put, should_stop=lambda: self.stop_requested)
+            result = result.with_id(Store(self.store_path).add(result))
+        except WorkbenchError as e:
+            self._fail(config, str(e))
+        except Exception as e:  # noqa: BLE001 - the app must survive anything a run raises
+            logger.exception("run failed")
+            self._fail(config, f"unexpected {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        finally:
+            events.put(_DONE)
+            pump.join()
+            self._busy = False
+            self.stop_button.disabled = True
+        if result is not None:
+            self._show_result(result)
+        self.history.refresh()
+        self.validate()
+
+    def _pump(self, events: queue.SimpleQueue) -> None:
+        """Draw queued events in batches, at most once per `redraw_interval_s`."""
+        done = False
+        while not done:
+            batch = [events.get()]
+            time.sleep(self.redraw_interval_s)  # let a batch gather: redraws are throttled
+            while True:
+                try:
+                    batch.append(events.get_nowait())
+                except queue.Empty:
+                    break
+            for event in batch:
+                if event is _DONE:
+                    done = True
+                else:
+                    self._on_event(event)
+            self._flush()
+
+    def _fail(self, config: RunConfig, message: str) -> None:
+        self.last_error = message
+        self.error.value = f"<span class='wb-error'>Run failed: {html.escape(message)}</span>"
+        self.progress.description, self.progress.bar_style = "failed", "danger"
+        try:
+            Store(self.store_path).add_error(config, message)
+        except WorkbenchError as e:
+            self.error.value += f"<br><span class='wb-error'>{html.escape(str(e))}</span>"
+
+    # ------------------------------------------------------------------ events (worker thread)
+    def _on_event(self, event: Any) -> None:
+        if isinstance(event, TokenEvent):
+            self._on_token(event)
+        elif isinstance(event, StageEvent):
+            self._on_stage(event)
+        elif isinstance(event, RepeatEvent):
+            self.status.value = (f"timed run {event.repeat + 1}: TTFT {event.ttft_ms:.1f} ms, "
+                                 f"E2E {event.e2e_ms:.1f} ms")
+        elif isinstance(event, MetricEvent):
+            self._on_metric(event)
+        elif isinstance(event, WarningEvent):
+            self._warn(event.message, event.section)
+
+    def _on_token(self, event: TokenEvent) -> None:
+        if event.index == 0:  # a new generate call: show it from the start
+            self._flush()
+            self.latency_plot.begin(event.phase, event.repeat)
+            self._text = ""
+        self._buffer.append(event)
+        self._text += event.text
+
+    def _flush(self) -> None:
+        events, self._buffer = self._buffer, []
+        if events:
+            self.latency_plot.add(events)
+            self._set_text(self._text)
+
+    def _set_text(self, text: str) -> None:
+        self.text.value = f"<div class='wb-output'>{html.escape(text)}</div>"
+
+    def _on_stage(self, event: StageEvent) -> None:
+        index = STAGES.index(event.stage) if event.stage in STAGES else 0
+        done = 1.0 if event.state == "end" else (event.fraction or 0.0)
+        self.progress.bar_style = ""
+        self.progress.value = (index + done) / len(STAGES)
+        self.progress.description = event.stage
+        if event.message:
+            self.status.value = html.escape(f"{event.stage}: {event.message}")
+
+    def _on_metric(self, event: MetricEvent) -> None:
+        value = event.value
+        if event.section == "latency":
+            self.latency_plot.summarize(value)
+        elif event.section == "memory":
+            self.memory_plot.show(value)
+        elif event.section == "accuracy":
+            self.accuracy_plot.show(value)
+        elif event.section == "roofline":
+            self.roofline_plot.show(value, self._decode)
+        elif event.section == "model":
+            self.model_info.value = html.escape(
+                f"{value.name}: {value.architecture}, {value.params / 1e6:.2f} M parameters, {value.dtype} on "
+                f"{value.device}" + (" — random weights" if value.random_weights else ""))
+        if event.section == "latency" and value is not None:
+            self._decode = value.decode_tokens_per_s
+
+    _decode: float | None = None
+
+    def _warn(self, message: str, section: str) -> None:
+        target = {"latency": self.latency_notes, "accuracy": self.accuracy_notes}.get(section, self.run_notes)
+        target.value += f"<div class='wb-warning'>⚠ {html.escape(message)}</div>"
+
+    def _show_result(self, result: RunResult) -> None:
+        """Final numbers (also after a stop): every plot shows the result's own values."""
+        self.last_result = result
+        self.latency_plot.summarize(result.latency)
+        self.memory_plot.show(result.memory)
+        random = result.model is not None and result.model.random_weights
+        self.accuracy_plot.show(result.accuracy, "random weights" if random else
+                                ("run stopped" if result.status == "stopped" else "eval_tokens is 0"))
+        self.roofline_plot.show(result.roofline, result.latency.decode_tokens_per_s if result.latency else None)
+        if result.status == "stopped":
+            self.progress.description, self.progress.bar_style = "stopped", "warning"
+            self.status.value = f"stopped: partial result kept as run {result.run_id}"
+        else:
+            self.progress.value, self.progress.description, self.progress.bar_style = 1.0, "done", "success"
+            decode = result.latency.decode_tokens_per_s if result.latency else None
+            self.status.value = (f"done: run {result.run_id}" +
+                                 (f", decode {decode:.1f} tokens/s" if decode else "") + f" in {result.duration_s:.1f} s")
+        if result.output_text:
+            self._set_text(result.output_text)

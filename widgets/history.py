@@ -1,0 +1,138 @@
+"""History across runs (the results store, CLI runs included): Pareto view, table, comparison, CSV export."""
+
+from __future__ import annotations
+
+import base64
+import html
+import logging
+from typing import Any
+
+import ipywidgets as W
+
+from widgets.plots import ParetoPlot
+from workbench.analysis import ACCURACY_KEYS, LATENCY_KEYS, MEMORY_KEYS, METRICS, compare, describe, technique_labels
+from workbench.errors import WorkbenchError
+from workbench.report import human_bytes
+from workbench.result import RunResult
+from workbench.store import Store
+
+logger = logging.getLogger(__name__)
+
+
+def _fmt(value: float | None, unit: str) -> str:
+    if value is None:
+        return "–"
+    if unit == "bytes":
+        return human_bytes(value)
+    return f"{value:.4g}" + (f" {unit}" if unit else "")
+
+
+def summary_table(rows: list[dict[str, Any]]) -> str:
+    """HTML table of stored runs (newest first)."""
+    head = ("id", "when (UTC)", "status", "model", "dtype", "techniques", "decode tok/s", "TTFT ms", "weights",
+            "perplexity", "KL", "error")
+    body = []
+    for r in rows:
+        cells = (r["id"], (r["created_at"] or "")[:19].replace("T", " "), r["status"], r["model"], r["dtype"],
+                 technique_labels(r["techniques"].split(" + ")) if r["techniques"] else "–", _fmt(r["decode_tokens_per_s"], ""), _fmt(r["ttft_ms_p50"], ""),
+                 _fmt(r["weights_bytes"], "bytes"), _fmt(r["perplexity"], ""), _fmt(r["kl_vs_baseline"], ""),
+                 (r["error"] or "")[:120])
+        body.append("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>")
+    return (f"<table class='wb-table'><thead><tr>{''.join(f'<th>{h}</th>' for h in head)}</tr></thead>"
+            f"<tbody>{''.join(body)}</tbody></table>")
+
+
+def comparison_table(a: RunResult, b: RunResult) -> str:
+    """HTML table: two runs side by side, ratio b/a, the better one marked."""
+    rows = []
+    for row in compare(a, b):
+        if row.a is None and row.b is None:
+            continue
+        mark_a = " ✓" if row.better == "a" else ""
+        mark_b = " ✓" if row.better == "b" else ""
+        ratio = f"{row.ratio:.3g}×" if row.ratio is not None else "–"
+        rows.append(f"<tr><td>{html.escape(row.label)}</td><td>{_fmt(row.a, row.unit)}{mark_a}</td>"
+                    f"<td>{_fmt(row.b, row.unit)}{mark_b}</td><td>{ratio}</td></tr>")
+    return (f"<table class='wb-table'><thead><tr><th>metric</th><th>A: {html.escape(describe(a))}</th>"
+            f"<th>B: {html.escape(describe(b))}</th><th>B / A</th></tr></thead><tbody>{''.join(rows)}</tbody></table>")
+
+
+def _dropdown(keys: tuple[str, ...], value: str, description: str) -> W.Dropdown:
+    return W.Dropdown(options=[(METRICS[k].label, k) for k in keys], value=value, description=description,
+                      style={"description_width": "60px"}, layout={"width": "260px"})
+
+
+class HistoryPanel:
+    """Every stored run: Pareto plot (click two runs to compare), table, CSV export."""
+
+    def __init__(self, store_path: str) -> None:
+        self.store_path = store_path
+        self.selected: list[int] = []
+        self.results: list[RunResult] = []
+        self.pareto = ParetoPlot(self.select)
+        self.x = _dropdown(LATENCY_KEYS, "e2e_ms_p50", "x")
+        self.y = _dropdown(ACCURACY_KEYS, "perplexity", "y")
+        self.size = _dropdown(MEMORY_KEYS, "weights_bytes", "size")
+        for w in (self.x, self.y, self.size):
+            w.observe(self._axes_changed, "value")
+        self.refresh_button = W.Button(description="Refresh", icon="refresh", tooltip="Reload runs from the store")
+        self.refresh_button.on_click(lambda _: self.refresh())
+        self.export_button = W.Button(description="Export CSV", icon="download",
+                                      tooltip="Write every stored run to a CSV file and offer it for download")
+        self.export_button.on_click(lambda _: self.export_csv())
+        self.export_link = W.HTML()
+        self.comparison = W.HTML("<i>Click two runs in the plot to compare them side by side.</i>")
+        self.table = W.HTML()
+        self.message = W.HTML()
+        controls = W.HBox([self.x, self.y, self.size, self.refresh_button, self.export_button])
+        self.box = W.VBox([controls, self.message, self.pareto.widget, self.comparison, self.export_link, self.table])
+
+    def _store(self) -> Store:
+        return Store(self.store_path)
+
+    def _axes_changed(self, _: Any) -> None:
+        self.pareto.x_key, self.pareto.y_key, self.pareto.size_key = self.x.value, self.y.value, self.size.value
+        self.pareto.show(self.results, self.selected)
+
+    def refresh(self) -> None:
+        """Reload from the store (also picks up runs made from the CLI)."""
+        try:
+            store = self._store()
+            self.results = store.results(status=None)
+            self.table.value = summary_table(store.summaries(limit=200))
+            self.message.value = ""
+        except WorkbenchError as e:
+            self.message.value = f"<span class='wb-error'>{html.escape(str(e))}</span>"
+            return
+        self.pareto.show(self.results, self.selected)
+
+    def select(self, run_id: int) -> None:
+        """Select a run (the last two selected are compared)."""
+        self.selected = (self.selected + [run_id])[-2:]
+        self.pareto.show(self.results, self.selected)
+        by_id = {r.run_id: r for r in self.results}
+        if len(self.selected) == 2 and all(i in by_id for i in self.selected):
+            self.comparison.value = comparison_table(by_id[self.selected[0]], by_id[self.selected[1]])
+        elif self.selected and self.selected[-1] in by_id:
+            self.comparison.value = (f"<i>Selected {html.escape(describe(by_id[self.selected[-1]]))}; "
+                                     "click another run to compare.</i>")
+
+    def export_csv(self, path: str = "workbench-results.csv") -> str | None:
+        """Write every stored run to CSV; show a link that downloads it (works offline and in Voila)."""
+        try:
+            frame = self._store().dataframe()
+        except WorkbenchError as e:
+            self.message.value = f"<span class='wb-error'>{html.escape(str(e))}</span>"
+            return None
+        text = frame.to_csv(index=False)
+        try:
+            with open(path, "w", encoding="utf-8") as f:
+                f.write(text)
+            where = f" (also written to {html.escape(path)})"
+        except OSError as e:
+            logger.warning("cannot write %s: %s", path, e)
+            where = ""
+        data = base64.b64encode(text.encode()).decode()
+        self.export_link.value = (f"<a download='workbench-results.csv' href='data:text/csv;base64,{data}'>"
+                                  f"Download {len(frame)} runs as CSV</a>{where}")
+        return text

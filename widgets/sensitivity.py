@@ -1,0 +1,88 @@
+"""The sensitivity panel: per-layer KL heatmap and a weight histogram for one technique."""
+
+from __future__ import annotations
+
+import html
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import ipywidgets as W
+
+from widgets.plots import SensitivityPlots
+from workbench.errors import WorkbenchError
+from workbench.events import StageEvent
+
+logger = logging.getLogger(__name__)
+
+
+class SensitivityPanel:
+    """Analyze the technique enabled in the app (first of the pruning, then quantization panels)."""
+
+    def __init__(self, app: Any, analyzer: Callable[..., Any] | None = None) -> None:
+        self.app = app
+        self.analyzer = analyzer
+        self.plots = SensitivityPlots()
+        self.spec = W.Text(description="technique", placeholder="e.g. sim:bits=3 (default: the one enabled above)",
+                           style={"description_width": "80px"}, layout={"width": "460px"},
+                           tooltip="Any technique that keeps layer shapes: quantization, magnitude, wanda, 2:4")
+        self.tokens = W.BoundedIntText(value=512, min=16, max=100000, description="eval tokens",
+                                       style={"description_width": "80px"}, layout={"width": "200px"})
+        self.button = W.Button(description="Analyze", icon="search", tooltip="Compress one layer at a time")
+        self.button.on_click(lambda _: self.start())
+        self.status = W.HTML()
+        self.thread: threading.Thread | None = None
+        self.last_report: Any = None
+        self.box = W.VBox([W.HBox([self.spec, self.tokens, self.button]), self.status,
+                           W.HBox([self.plots.heatmap, self.plots.histogram])])
+
+    def technique(self) -> str | None:
+        """The spec to analyze: typed in, or the first technique enabled in the app."""
+        if self.spec.value.strip():
+            return self.spec.value.strip()
+        enabled = self.app.prune.specs() + self.app.quant.specs()
+        return enabled[0] if enabled else None
+
+    def start(self) -> bool:
+        """Run the analysis in a background thread."""
+        if self.thread is not None and self.thread.is_alive():
+            self.status.value = "<span class='wb-warning'>An analysis is already running.</span>"
+            return False
+        try:
+            spec = self.technique()
+            model = self.app.model_panel.model()
+        except ValueError as e:
+            self.status.value = f"<span class='wb-error'>{html.escape(str(e))}</span>"
+            return False
+        if not spec:
+            self.status.value = "<span class='wb-error'>Enable a technique above or type one here.</span>"
+            return False
+        self.thread = threading.Thread(target=self._work, args=(model, spec), daemon=True, name="workbench-sensitivity")
+        self.thread.start()
+        return True
+
+    def _work(self, model: str, spec: str) -> None:
+        from workbench.sensitivity import analyze
+
+        analyzer = self.analyzer or analyze
+        self.button.disabled = True
+        try:
+            report = analyzer(model, spec, eval_tokens=self.tokens.value, on_event=self._on_event,
+                              should_stop=lambda: self.app.stop_requested)
+            if report is not None:
+                self.last_report = report
+                self.plots.show(report)
+                self.status.value = html.escape(f"{len(report.layers)} layers analyzed on {report.eval_tokens} tokens")
+        except (WorkbenchError, ValueError) as e:
+            self.status.value = f"<span class='wb-error'>{html.escape(str(e))}</span>"
+        except Exception as e:  # noqa: BLE001 - the app must survive anything
+            logger.exception("sensitivity failed")
+            self.status.value = f"<span class='wb-error'>unexpected {type(e).__name__}: {html.escape(str(e))}</span>"
+        finally:
+            self.button.disabled = False
+
+    def _on_event(self, event: Any) -> None:
+        if isinstance(event, StageEvent):
+            frac = f" {event.fraction:.0%}" if event.fraction is not None else ""
+            self.status.value = html.escape(f"{event.stage}{frac}: {event.message}")

@@ -1,0 +1,131 @@
+"""Comparing runs: named metrics, the Pareto frontier, side-by-side comparison, run descriptions."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from workbench.result import RunResult
+
+
+@dataclass(frozen=True)
+class Metric:
+    """A number read from a result, with its label, unit and which direction is better."""
+
+    key: str
+    label: str
+    unit: str
+    better: str  # "lower" | "higher"
+    get: Callable[[RunResult], float | None]
+
+    def value(self, result: RunResult) -> float | None:
+        """The metric of one result (None when the run did not measure it)."""
+        try:
+            v = self.get(result)
+        except AttributeError:  # a section is None (stopped run, random weights, no GPU)
+            return None
+        return None if v is None else float(v)
+
+
+def _m(key: str, label: str, unit: str, better: str, get: Callable[[RunResult], float | None]) -> Metric:
+    return Metric(key, label, unit, better, get)
+
+
+METRICS: dict[str, Metric] = {m.key: m for m in (
+    _m("ttft_ms_p50", "TTFT p50", "ms", "lower", lambda r: r.latency.ttft_ms.p50),
+    _m("tpot_ms_p50", "TPOT p50", "ms", "lower", lambda r: r.latency.tpot_ms.p50),
+    _m("e2e_ms_p50", "E2E p50", "ms", "lower", lambda r: r.latency.e2e_ms.p50),
+    _m("decode_tokens_per_s", "decode", "tokens/s", "higher", lambda r: r.latency.decode_tokens_per_s),
+    _m("prefill_tokens_per_s", "prefill", "tokens/s", "higher", lambda r: r.latency.prefill_tokens_per_s),
+    _m("perplexity", "perplexity", "", "lower", lambda r: r.accuracy.perplexity),
+    _m("kl_vs_baseline", "KL vs unmodified", "nats", "lower", lambda r: r.accuracy.kl_vs_baseline),
+    _m("top1_agreement", "top-1 agreement", "", "higher", lambda r: r.accuracy.top1_agreement_vs_baseline),
+    _m("greedy_match", "greedy match", "", "higher", lambda r: r.accuracy.greedy_match_vs_baseline),
+    _m("next_token_accuracy", "next-token accuracy", "", "higher", lambda r: r.accuracy.next_token_accuracy),
+    _m("weights_bytes", "weights", "bytes", "lower", lambda r: r.memory.weights_bytes),
+    _m("kv_cache_bytes", "KV cache", "bytes", "lower", lambda r: r.memory.kv_cache_bytes),
+    _m("peak_host_bytes", "host peak (run)", "bytes", "lower", lambda r: r.memory.peak_host_bytes),
+    _m("load_peak_host_bytes", "host peak (load)", "bytes", "lower", lambda r: r.memory.load_peak_host_bytes),
+    _m("peak_gpu_allocated_bytes", "GPU peak allocated", "bytes", "lower",
+       lambda r: r.memory.peak_gpu_allocated_bytes),
+    _m("fraction_of_bound", "share of the roofline", "", "higher", lambda r: r.roofline.fraction_of_bound),
+    _m("params", "parameters", "", "lower", lambda r: r.model.params),
+)}
+LATENCY_KEYS = ("e2e_ms_p50", "tpot_ms_p50", "ttft_ms_p50", "decode_tokens_per_s")
+ACCURACY_KEYS = ("perplexity", "kl_vs_baseline", "top1_agreement", "next_token_accuracy")
+MEMORY_KEYS = ("weights_bytes", "peak_host_bytes", "peak_gpu_allocated_bytes", "kv_cache_bytes")
+
+
+def dominates(a: Sequence[float], b: Sequence[float], better: Sequence[str]) -> bool:
+    """a is at least as good as b everywhere and strictly better somewhere."""
+    ge = [(x <= y) if d == "lower" else (x >= y) for x, y, d in zip(a, b, better)]
+    gt = [(x < y) if d == "lower" else (x > y) for x, y, d in zip(a, b, better)]
+    return all(ge) and any(gt)
+
+
+def pareto_front(points: Sequence[Sequence[float]], better: Sequence[str]) -> list[int]:
+    """Indices of the points no other point dominates (O(n^2): runs are counted in hundreds)."""
+    return [i for i, p in enumerate(points)
+            if not any(dominates(q, p, better) for j, q in enumerate(points) if j != i)]
+
+
+def frontier(results: Sequence[RunResult], keys: Sequence[str]) -> list[int]:
+    """Positions (in `results`) of the runs on the Pareto frontier of these metrics.
+
+    Runs missing any of the metrics (stopped, random weights) take no part.
+    """
+    metrics = [METRICS[k] for k in keys]
+    rows = [(i, [m.value(r) for m in metrics]) for i, r in enumerate(results)]
+    usable = [(i, v) for i, v in rows if all(x is not None for x in v)]
+    front = pareto_front([v for _, v in usable], [m.better for m in metrics])
+    return [usable[j][0] for j in front]
+
+
+@dataclass(frozen=True)
+class ComparisonRow:
+    """One metric of two runs side by side; ratio = b / a, and which run is better."""
+
+    key: str
+    label: str
+    unit: str
+    a: float | None
+    b: float | None
+    ratio: float | None
+    better: str | None  # "a", "b", "same" or None
+
+
+def compare(a: RunResult, b: RunResult, keys: Sequence[str] | None = None) -> list[ComparisonRow]:
+    """The metrics of two runs side by side."""
+    rows = []
+    for key in keys or METRICS:
+        m = METRICS[key]
+        va, vb = m.value(a), m.value(b)
+        ratio = vb / va if va not in (None, 0) and vb is not None else None
+        winner = None
+        if va is not None and vb is not None:
+            winner = "same" if va == vb else ("a" if (va < vb) == (m.better == "lower") else "b")
+        rows.append(ComparisonRow(key, m.label, m.unit, va, vb, ratio, winner))
+    return rows
+
+
+def technique_labels(specs: Sequence[str]) -> str:
+    """Short labels of technique specs joined with ' + ' (specs that no longer parse are shown as stored)."""
+    from workbench.errors import WorkbenchError
+    from workbench.techniques import parse_spec
+
+    labels = []
+    for spec in specs:
+        try:
+            labels.append(parse_spec(spec).label())
+        except WorkbenchError:
+            labels.append(spec)
+    return " + ".join(labels)
+
+
+def describe(r: RunResult) -> str:
+    """A run's settings in one line (hover text, table rows)."""
+    cfg = r.config
+    techniques = technique_labels(cfg.techniques) or "no technique"
+    return (f"run {r.run_id if r.run_id is not None else '-'}: {cfg.model} {cfg.dtype} on "
+            f"{r.model.device if r.model else cfg.device}; {techniques}; batch {cfg.batch_size}, "
+            f"{cfg.max_new_tokens} new tokens" + ("" if r.status == "ok" else f" ({r.status})"))
