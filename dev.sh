@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One entry point for people and CI.
-#   bash dev.sh demo     set up, then run the workbench on the shipped reference model
-#   bash dev.sh test     set up, then run the whole test suite
-#   bash dev.sh setup    only set up (.venv with torch, the package and its extras)
+#   bash dev.sh demo     set up, then serve the dashboard (Voila) on the reference model; prints the URL
+#   bash dev.sh test     set up (chromium included, for the browser tests), then run the whole test suite
+#   bash dev.sh run      set up, then one `workbench run` on the reference model, printed as a table
+#   bash dev.sh setup    only set up (.venv with torch, the package and its extras; chromium)
 # Re-running is fast: the install is skipped while pyproject.toml and this script are unchanged.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -31,17 +32,39 @@ setup() {
   echo "$want" > "$stamp"
 }
 
+# Debian's chromium drives the browser tests (Playwright never downloads a browser here).
+ensure_chromium() {
+  if command -v chromium >/dev/null 2>&1; then
+    return 0
+  fi
+  local sudo=""
+  if [ "$(id -u)" != 0 ]; then
+    if command -v sudo >/dev/null 2>&1; then sudo="sudo"; else
+      echo "chromium is not installed and this user cannot install it: browser tests will be skipped" >&2
+      return 0
+    fi
+  fi
+  echo "installing Debian's chromium (browser tests)" >&2
+  $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq chromium >/dev/null
+}
+
 case "${1:-demo}" in
-  setup) setup ;;
+  setup) setup; ensure_chromium ;;
   demo)
+    setup
+    shift || true
+    "$VENV/bin/workbench" dashboard "$@"
+    ;;
+  run)
     setup
     shift || true
     "$VENV/bin/workbench" run --model tiny "$@"
     ;;
   test)
     setup
+    ensure_chromium
     shift || true
     "$VENV/bin/python" -m pytest "$@"
     ;;
-  *) echo "usage: bash dev.sh [demo|test|setup] [extra args]" >&2; exit 2 ;;
+  *) echo "usage: bash dev.sh [demo|test|run|setup] [extra args]" >&2; exit 2 ;;
 esac

@@ -81,14 +81,14 @@ def test_run_button_fills_every_plot_text_progress_and_history(app, tmp_path):
     assert w.run_button.description == "Run" and w.stop_button.description == "Stop"
     w.run_button.click()
     w.wait(10)
-    arrival, gap, ttft = w.latency_plot.widget.data
+    arrival, gap, ttft = w.latency_plot.traces
     assert list(arrival.x) == [0, 1, 2, 3, 4] and list(arrival.y) == [3.0, 7.0, 11.0, 15.0, 19.0]
     assert list(gap.y) == [4.0] * 4 and ttft.text[0].startswith("TTFT 3.0")
-    assert "TTFT p50 3.0 ms" in w.latency_plot.widget.layout.title.text
-    assert "weights" in w.memory_plot.widget.data[0].x
-    assert list(w.accuracy_plot.widget.data[0].y) == [0.4, 0.97, 1.0]
-    assert "perplexity 20.00" in w.accuracy_plot.widget.layout.title.text
-    assert list(w.roofline_plot.widget.data[0].x) == [600.0, 250.0]
+    assert "TTFT p50 3.0 ms" in w.latency_plot.cell.title
+    assert "weights" in w.memory_plot.bar.x
+    assert list(w.accuracy_plot.bar.y) == [0.4, 0.97, 1.0]
+    assert "perplexity 20.00" in w.accuracy_plot.cell.title
+    assert list(w.roofline_plot.bar.x) == [600.0, 250.0]
     assert w.progress.value == 1.0 and w.progress.description == "done"
     assert "The for statement is used" in w.text.value
     assert "noisy machine" in w.latency_notes.value  # the warning sits next to the latency plot
@@ -103,13 +103,15 @@ def test_plot_state_survives_a_late_page(app):
     w = app()
     w.start()
     w.wait(10)
-    for fig in (w.latency_plot.widget, w.memory_plot.widget, w.accuracy_plot.widget, w.roofline_plot.widget,
-                w.history.pareto.widget):
+    assert w.sensitivity.plots is None  # created on the first analysis: every figure costs page load
+    fresh = app()  # before any run, too: a page that connects now must get every painter's traces
+    assert len(fresh.live._widget_data) == len(fresh.live.data) == 6
+    for fig in (w.live, w.history.pareto.widget):
         synced = fig._widget_data
         assert len(synced) == len(fig.data)
         for trace, state in zip(fig.data, synced):
             assert list(trace.x or ()) == list(state.get("x", ()))
-    assert w.latency_plot.widget._widget_layout["title"]["text"] == w.latency_plot.widget.layout.title.text
+    assert w.live._widget_layout["annotations"][0]["text"] == w.latency_plot.cell.title
 
 
 def test_token_redraws_are_throttled(app, monkeypatch):
@@ -237,8 +239,9 @@ def test_set_values_fills_the_inputs(app):
 def test_budget_line_follows_the_input(app):
     w = app()
     w.budget.value = 50
-    assert w.latency_plot.widget.layout.shapes[0].y0 == 50
-    assert "budget 50 ms" in w.latency_plot.widget.layout.annotations[0].text
+    assert w.live.layout.shapes[0].y0 == 50
+    assert "budget 50 ms" in w.live.layout.annotations[4].text
+    assert w.live.layout.annotations[0].text.startswith("Per-token latency")  # subplot titles kept
 
 
 def test_history_pareto_frontier_selection_comparison_and_export(app, tmp_path):
@@ -281,8 +284,8 @@ def test_sensitivity_panel_draws_a_report(app):
     w.quant.rows["sim"].enabled.value = True
     assert w.sensitivity.start()
     w.sensitivity.thread.join(10)
-    assert calls[0].startswith("sim:") and [list(r) for r in w.sensitivity.plots.heatmap.data[0].z] == [[0.1], [0.3]]
-    assert list(w.sensitivity.plots.histogram.data[0].y) == [3, 7]
+    assert calls[0].startswith("sim:") and [list(r) for r in w.sensitivity.plots.heatmap.z] == [[0.1], [0.3]]
+    assert list(w.sensitivity.plots.before.y) == [3, 7]
 
 
 @pytest.mark.slow
@@ -298,12 +301,12 @@ def test_real_core_through_the_app_fills_every_plot(app):
     assert w.start()
     w.wait(300)
     assert w.last_result is not None and w.last_result.status == "ok", w.error.value
-    assert len(w.latency_plot.widget.data[0].x) == 6
-    assert len(w.memory_plot.widget.data[0].x) >= 4
-    assert len(w.accuracy_plot.widget.data[0].x) == 3
-    assert len(w.roofline_plot.widget.data[0].x) == 2
+    assert len(w.latency_plot.arrival.x) == 6
+    assert len(w.memory_plot.bar.x) >= 4
+    assert len(w.accuracy_plot.bar.x) == 3
+    assert len(w.roofline_plot.bar.x) == 2
     assert len(w.history.pareto.widget.data[0].x) == 1
     assert w.text.value.count("wb-output") == 1 and len(w.last_result.output_text) > 0
     assert w.sensitivity.start()
     w.sensitivity.thread.join(300)
-    assert w.sensitivity.last_report is not None and len(w.sensitivity.plots.heatmap.data[0].z) == 6
+    assert w.sensitivity.last_report is not None and len(w.sensitivity.plots.heatmap.z) == 6

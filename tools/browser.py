@@ -69,13 +69,13 @@ def wait_http(url: str, timeout: float = 60.0, proc: subprocess.Popen | None = N
 
 @contextlib.contextmanager
 def server(command: list[str], url: str, cwd: Path, home: Path | None = None, log: Path | None = None,
-           timeout: float = 90.0) -> Iterator[subprocess.Popen]:
+           timeout: float = 90.0, env: dict[str, str] | None = None) -> Iterator[subprocess.Popen]:
     """Start a server process with an isolated HOME, wait for `url`, stop it (and its kernels) afterwards."""
     home = home or Path(tempfile.mkdtemp(prefix="wb-home-"))
     home.mkdir(parents=True, exist_ok=True)
     out = open(log, "w") if log else subprocess.DEVNULL  # noqa: SIM115 - closed below
-    proc = subprocess.Popen(command, cwd=cwd, env=isolated_env(home), stdout=out, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    proc = subprocess.Popen(command, cwd=cwd, env={**isolated_env(home), **(env or {})}, stdout=out,
+                            stderr=subprocess.STDOUT, start_new_session=True)
     try:
         wait_http(url, timeout, proc)
         yield proc
@@ -89,12 +89,6 @@ def server(command: list[str], url: str, cwd: Path, home: Path | None = None, lo
             proc.wait(5)
         if log:
             out.close()
-
-
-def voila_command(notebook: Path, port: int, *extra: str) -> list[str]:
-    """`voila NOTEBOOK` on 127.0.0.1:port, no browser, with the workbench's serving settings."""
-    return [sys.executable, "-m", "voila", str(notebook), f"--port={port}", "--no-browser",
-            "--Voila.ip=127.0.0.1", *extra]
 
 
 def lab_command(root: Path, port: int) -> list[str]:

@@ -14,7 +14,7 @@ import ipywidgets as W
 
 from widgets.history import HistoryPanel
 from widgets.panels import ModelPanel, SettingsPanel, TechniquesPanel
-from widgets.plots import AccuracyPlot, LatencyPlot, MemoryPlot, RooflinePlot
+from widgets.plots import AccuracyPlot, LatencyPlot, MemoryPlot, RooflinePlot, live_figure, persist
 from widgets.sensitivity import SensitivityPanel
 from workbench.config import RunConfig
 from workbench.errors import WorkbenchError
@@ -67,8 +67,10 @@ class Workbench(W.VBox):
         self.quant = TechniquesPanel("quant", device)
         self.prune = TechniquesPanel("prune", device)
         self.settings = {group: SettingsPanel(group) for group in ("Workload", "Execution", "Measurement", "Accuracy")}
-        self.latency_plot, self.memory_plot = LatencyPlot(budget_ms), MemoryPlot()
-        self.accuracy_plot, self.roofline_plot = AccuracyPlot(), RooflinePlot()
+        self.live, cells = live_figure()
+        self.latency_plot, self.roofline_plot = LatencyPlot(cells[0], budget_ms), RooflinePlot(cells[1])
+        self.memory_plot, self.accuracy_plot = MemoryPlot(cells[2]), AccuracyPlot(cells[3])
+        persist(self.live)  # every painter's traces are in the state a page draws first (plotly #4998)
         self.history = HistoryPanel(store_path)
         self.sensitivity = SensitivityPanel(self, analyzer)
         self._build_controls(budget_ms)
@@ -109,10 +111,7 @@ class Workbench(W.VBox):
                       layout={"width": "540px"})
         live = W.VBox([self.progress, self.status, self.error, self.model_info, self.text, self.run_notes],
                       layout={"flex": "1 1 auto"})
-        plots = W.VBox([
-            W.HBox([W.VBox([self.latency_plot.widget, self.latency_notes]), self.roofline_plot.widget]),
-            W.HBox([self.memory_plot.widget, W.VBox([self.accuracy_plot.widget, self.accuracy_notes])]),
-        ])
+        plots = W.VBox([self.live, W.HBox([self.latency_notes, self.accuracy_notes])])
         title = W.HTML(CSS + "<h3 style='margin:4px 0'>LLM Inference Workbench</h3><span class='wb-note'>Choose a "
                        "model and techniques, press Run: latency, memory and accuracy are measured in one run.</span>")
         return [title, W.HBox([left, live]), plots,

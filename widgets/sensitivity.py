@@ -23,7 +23,7 @@ class SensitivityPanel:
     def __init__(self, app: Any, analyzer: Callable[..., Any] | None = None) -> None:
         self.app = app
         self.analyzer = analyzer
-        self.plots = SensitivityPlots()
+        self.plots: SensitivityPlots | None = None  # created on the first report: each figure costs page load
         self.spec = W.Text(description="technique", placeholder="e.g. sim:bits=3 (default: the one enabled above)",
                            style={"description_width": "80px"}, layout={"width": "460px"},
                            tooltip="Any technique that keeps layer shapes: quantization, magnitude, wanda, 2:4")
@@ -34,8 +34,8 @@ class SensitivityPanel:
         self.status = W.HTML()
         self.thread: threading.Thread | None = None
         self.last_report: Any = None
-        self.box = W.VBox([W.HBox([self.spec, self.tokens, self.button]), self.status,
-                           W.HBox([self.plots.heatmap, self.plots.histogram])])
+        self.figure_box = W.Box()
+        self.box = W.VBox([W.HBox([self.spec, self.tokens, self.button]), self.status, self.figure_box])
 
     def technique(self) -> str | None:
         """The spec to analyze: typed in, or the first technique enabled in the app."""
@@ -72,7 +72,7 @@ class SensitivityPanel:
                               should_stop=lambda: self.app.stop_requested)
             if report is not None:
                 self.last_report = report
-                self.plots.show(report)
+                self.show(report)
                 self.status.value = html.escape(f"{len(report.layers)} layers analyzed on {report.eval_tokens} tokens")
         except (WorkbenchError, ValueError) as e:
             self.status.value = f"<span class='wb-error'>{html.escape(str(e))}</span>"
@@ -81,6 +81,13 @@ class SensitivityPanel:
             self.status.value = f"<span class='wb-error'>unexpected {type(e).__name__}: {html.escape(str(e))}</span>"
         finally:
             self.button.disabled = False
+
+    def show(self, report: Any) -> None:
+        """Draw a SensitivityReport (creating the figure the first time)."""
+        if self.plots is None:
+            self.plots = SensitivityPlots()
+            self.figure_box.children = [self.plots.widget]
+        self.plots.show(report)
 
     def _on_event(self, event: Any) -> None:
         if isinstance(event, StageEvent):

@@ -247,6 +247,30 @@ def _sensitivity_parser(sub: Any) -> None:
     s.add_argument("--json", action="store_true", help="print the report as one JSON object")
 
 
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    from workbench.dashboard import DashboardConfig, local_url, serve
+
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(DashboardConfig) if hasattr(args, f.name)}
+    defaults: dict[str, Any] = {}
+    try:
+        config = DashboardConfig(**given)
+        for item in args.set or []:
+            key, eq, raw = item.partition("=")
+            if not eq:
+                raise ValueError(f"--set takes KEY=VALUE; got {item!r}")
+            try:
+                defaults[key.strip()] = json.loads(raw)
+            except ValueError:
+                defaults[key.strip()] = raw
+        from workbench.config import RunConfig
+
+        RunConfig(**{k: v for k, v in defaults.items() if k != "techniques"})
+    except (ValueError, TypeError) as e:
+        return _usage(args.prog, str(e))
+    print(f"dashboard: {local_url(config)}  (Ctrl-C to stop)", flush=True)
+    return serve(config, defaults)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The whole command line."""
     from workbench import __version__
@@ -270,6 +294,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--show", type=int, default=None, metavar="ID", help="one run in full")
     r.add_argument("--limit", type=int, default=50, help="rows listed (default 50)")
     _sensitivity_parser(sub)
+    from workbench.dashboard import DashboardConfig
+
+    d = sub.add_parser("dashboard", help="serve the app as a Voila dashboard (127.0.0.1 unless told otherwise)")
+    add_dataclass_arguments(d, DashboardConfig)
+    d.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="starting value of a run setting in the app, e.g. --set threads=1 --set max_new_tokens=64")
     b = sub.add_parser("build-reference", help="rebuild the `tiny` reference model from the stdlib docs")
     b.add_argument("--out", default="build/tiny", help="output folder (default: build/tiny)")
     add_dataclass_arguments(b, Recipe)
@@ -277,7 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 COMMANDS = {"run": cmd_run, "models": cmd_models, "techniques": cmd_techniques, "results": cmd_results,
-            "build-reference": cmd_build_reference, "sensitivity": cmd_sensitivity}
+            "build-reference": cmd_build_reference, "sensitivity": cmd_sensitivity, "dashboard": cmd_dashboard}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

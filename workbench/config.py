@@ -97,8 +97,8 @@ class RunConfig:
                               group="Measurement", minimum=1, maximum=100000)
     threads: int | None = option(None, "Intra-op CPU threads (default: PyTorch's choice).",
                                  group="Execution", minimum=1, maximum=1024)
-    eval_tokens: int = option(2048, "Held-out tokens scored for perplexity and agreement (0: skip "
-                              "accuracy).", group="Accuracy", minimum=0, maximum=1_000_000)
+    eval_tokens: int = option(2048, "Held-out tokens scored for perplexity and agreement, rounded up to whole "
+                              "windows (0: skip accuracy).", group="Accuracy", minimum=0, maximum=1_000_000)
     eval_context: int = option(256, "Tokens per evaluation window (capped at the model's context).",
                                group="Accuracy", minimum=2, maximum=131072)
     techniques: tuple[str, ...] = option((), "Compression techniques applied in order after loading, "

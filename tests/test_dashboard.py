@@ -1,0 +1,225 @@
+"""The Voila dashboard in a real browser (Debian's chromium via Playwright), with every non-local request blocked.
+
+Screenshots and timings land in test-artifacts/ (or $WORKBENCH_ARTIFACTS).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from pathlib import Path
+from urllib.parse import urlparse
+
+import psutil
+import pytest
+
+from tools.browser import browser, chromium_path, free_port, server, widget_button
+from workbench.config import RunConfig
+from workbench.dashboard import DashboardConfig, environment, notebook_path, voila_command
+from workbench.store import Store
+
+pytestmark = [pytest.mark.browser,
+              pytest.mark.skipif(chromium_path() is None, reason="chromium is not installed (bash dev.sh setup)")]
+ARTIFACTS = Path(os.environ.get("WORKBENCH_ARTIFACTS", Path(__file__).resolve().parent.parent / "test-artifacts"))
+DEFAULTS = {"threads": 1, "warmup": 0, "repeats": 2, "min_duration_s": 0.0, "max_new_tokens": 16,
+            "eval_tokens": 256, "eval_context": 64}
+POINTS_JS = """(title) => {
+  for (const p of document.querySelectorAll('.js-plotly-plot')) {
+    const texts = [...p.querySelectorAll('.gtitle, .annotation-text')].map(t => t.textContent);
+    if (texts.some(t => t.startsWith(title))) return p.querySelectorAll('.scatterlayer .trace path.point').length;
+  }
+  return -1;
+}"""
+
+BARS_JS = POINTS_JS.replace("'.scatterlayer .trace path.point'", "'.barlayer .trace .point'")
+
+
+def record(name: str, **values: object) -> None:
+    """Add measurements to test-artifacts/dashboard.json."""
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    path = ARTIFACTS / "dashboard.json"
+    data = json.loads(path.read_text()) if path.exists() else {}
+    data[name] = values
+    path.write_text(json.dumps(data, indent=1))
+
+
+@pytest.fixture(scope="module")
+def dashboard(tmp_path_factory):
+    """Voila serving notebooks/dashboard.ipynb, its store holding two earlier runs."""
+    from test_app import fake_result
+
+    root = tmp_path_factory.mktemp("dashboard")
+    store = root / "runs.sqlite"
+    for scale, ppl in ((1.0, 20.0), (0.5, 30.0)):
+        Store(store).add(fake_result(RunConfig(), scale=scale, ppl=ppl))
+    config = DashboardConfig(port=free_port(), store=str(store), cull_idle_s=600)
+    env = {k: v for k, v in environment(config, DEFAULTS).items() if k.startswith("WORKBENCH_")}
+    url = f"http://127.0.0.1:{config.port}/"
+    with server(voila_command(config, notebook_path()), url, root, home=root / "home", log=root / "voila.log",
+                env=env, timeout=120) as proc:
+        yield {"url": url, "proc": proc, "root": root, "store": store}
+
+
+@pytest.fixture(scope="module")
+def chromium():
+    with browser() as b:
+        yield b
+
+
+class Page:
+    """A dashboard page in a fresh browser context that blocks every non-local request."""
+
+    def __init__(self, chromium, url: str) -> None:
+        self.blocked: list[str] = []
+        self.errors: list[str] = []
+        self.context = chromium.new_context(viewport={"width": 1500, "height": 2400})
+        self.context.route("**/*", self._route)
+        self.page = self.context.new_page()
+        self.page.on("pageerror", lambda e: self.errors.append(str(e)))
+        t0 = time.perf_counter()
+        self.page.goto(url, timeout=180_000)
+        widget_button(self.page, "Run").wait_for(timeout=180_000)
+        self.cold_start_s = time.perf_counter() - t0
+
+    def _route(self, route) -> None:
+        host = urlparse(route.request.url).hostname or ""
+        if route.request.url.startswith(("data:", "blob:")) or host in ("127.0.0.1", "localhost"):
+            route.continue_()
+        else:
+            self.blocked.append(route.request.url)
+            route.abort()
+
+    def points(self, title: str) -> int:
+        """Markers drawn in the plot whose title starts with `title` (-1: no such plot)."""
+        return self.page.evaluate(POINTS_JS, title)
+
+    def text_input(self, label: str):
+        return self.page.locator(".widget-text", has=self.page.locator("label", has_text=re.compile(f"^{label}$"))
+                                 ).locator("input")
+
+    def open_section(self, title: str) -> None:
+        self.page.get_by_text(title, exact=True).first.click()
+
+    def screenshot(self, name: str) -> None:
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        self.page.screenshot(path=str(ARTIFACTS / name), full_page=True)
+
+    def close(self) -> None:
+        self.context.close()
+
+
+@pytest.fixture
+def page(dashboard, chromium):
+    p = Page(chromium, dashboard["url"])
+    yield p
+    p.close()
+
+
+def test_page_renders_offline_with_the_history_drawn(page):
+    assert page.errors == []
+    assert page.page.get_by_text("LLM Inference Workbench").count() >= 1
+    # plotly #4998: figures filled before the page connected (the history from the store) keep their data
+    page.page.wait_for_function(f"({POINTS_JS})('History:') >= 2", timeout=30_000)
+    assert not [u for u in page.blocked if "plotly" in u or "widget" in u]  # nothing the app needs is remote
+    page.screenshot("dashboard-loaded.png")
+    record("cold_start", seconds=round(page.cold_start_s, 2), blocked_requests=sorted(set(page.blocked)))
+
+
+def finished_runs(page: Page) -> int:
+    """The run number of the last 'done: run N' status (0: none yet)."""
+    done = page.page.get_by_text(re.compile(r"done: run \d+"))
+    if not done.count():
+        return 0
+    return int(re.search(r"done: run (\d+)", done.first.inner_text()).group(1))
+
+
+def run_and_watch(page: Page, timeout: float = 240.0) -> tuple[float | None, list[int]]:
+    """Click Run; poll the latency plot until the run is done. Returns (click -> first live token s, counts)."""
+    before = finished_runs(page)
+    t0 = time.perf_counter()
+    widget_button(page.page, "Run").click()
+    first, counts = None, []
+    live = page.page.locator(".annotation-text", has_text="Per-token latency (live)")
+    while time.perf_counter() - t0 < timeout and finished_runs(page) <= before:
+        n = page.points("Per-token latency")
+        if first is None and n > 0 and live.count():
+            first = time.perf_counter() - t0
+        counts.append(n)
+        time.sleep(0.05)
+    assert finished_runs(page) > before, "the run did not finish"
+    return first, counts
+
+
+def test_run_plots_tokens_while_it_runs_then_the_final_numbers(page):
+    tokens = 400  # about two seconds of decoding per run here: the plot must grow while it happens
+    page.open_section("Workload")
+    box = page.text_input("max new tokens")
+    box.fill(str(tokens))
+    box.press("Enter")
+    time.sleep(1.0)  # let the value reach the kernel
+    first_cold, counts = run_and_watch(page)
+    markers = 2 * tokens  # an arrival marker per token, a gap marker per token after the first, the TTFT
+    growing = sorted({c for c in counts if 0 < c < markers})
+    assert len(growing) >= 3, f"the latency plot did not grow during the run: {counts}"
+    page.page.wait_for_function(f"({POINTS_JS})('Per-token latency: TTFT p50') > 0", timeout=30_000)
+    assert page.page.get_by_text(re.compile(r"Accuracy: perplexity \d")).count() == 1
+    # every subplot received its data in the browser: roofline (2 bars), memory (>= 4), accuracy (3)
+    assert page.page.evaluate(BARS_JS, "Per-token latency") >= 9
+    assert page.errors == []
+    page.screenshot("dashboard-after-run.png")
+    first_warm, _ = run_and_watch(page)  # the unmodified model's predictions are cached now
+    record("run", click_to_first_plotted_token_s={"first_run": round(first_cold, 2),
+                                                   "second_run": round(first_warm, 2)},
+           partial_counts_seen=len(growing), new_tokens=tokens)
+
+
+def test_stop_ends_a_long_run(page):
+    page.open_section("Workload")
+    tokens = page.text_input("max new tokens")
+    tokens.fill("900")
+    tokens.press("Enter")
+    page.open_section("Measurement")
+    for label, value in (("repeats", "50"), ("min duration s", "120")):
+        box = page.text_input(label)
+        box.fill(value)
+        box.press("Enter")
+    time.sleep(1.0)
+    widget_button(page.page, "Run").click()
+    page.page.wait_for_function(f"({POINTS_JS})('Per-token latency') > 5", timeout=120_000)
+    t0 = time.perf_counter()
+    widget_button(page.page, "Stop").click()
+    page.page.get_by_text(re.compile("stopped: partial result kept")).wait_for(timeout=60_000)
+    record("stop", click_to_stopped_s=round(time.perf_counter() - t0, 2))
+
+
+def test_bad_model_id_shows_one_message(page):
+    page.page.locator(".widget-dropdown select").first.select_option(label="hub id or local folder…")
+    folder = page.text_input("hub id / folder")
+    folder.fill("./no/such/model")
+    folder.press("Enter")
+    time.sleep(1.0)
+    widget_button(page.page, "Run").click()
+    message = page.page.get_by_text(re.compile("Run failed: no model folder at"))
+    message.wait_for(timeout=60_000)
+    assert "Traceback" not in page.page.content()
+    assert page.errors == []
+
+
+def test_every_page_load_gets_its_own_kernel(dashboard, chromium):
+    def kernels() -> list[psutil.Process]:
+        procs = psutil.Process(dashboard["proc"].pid).children(recursive=True)
+        return [p for p in procs if "ipykernel" in " ".join(p.cmdline())]
+
+    first = Page(chromium, dashboard["url"])
+    second = Page(chromium, dashboard["url"])
+    try:
+        assert second.errors == [] and widget_button(second.page, "Run").count() == 1
+        live = kernels()
+        assert len(live) >= 2
+        rss = sorted(p.memory_info().rss for p in live)
+        record("kernels", count=len(live), rss_mib=[round(r / 2**20) for r in rss])
+    finally:
+        first.close()
+        second.close()
