@@ -15,6 +15,9 @@ os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(_SESSION_TMP / "inductor")
 os.environ["HF_HOME"] = str(_SESSION_TMP / "hf")
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ["TMPDIR"] = str(_SESSION_TMP / "tmp")  # torchrun's ranks and their logs, compile workers
+(_SESSION_TMP / "tmp").mkdir()
+tempfile.tempdir = None  # re-read TMPDIR
 
 import torch  # noqa: E402
 

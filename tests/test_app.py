@@ -28,8 +28,9 @@ def fake_result(config: RunConfig, status: str = "ok", scale: float = 1.0, ppl: 
     acc = AccuracyStats(ppl, 0.4, 0.01 * scale, 0.97, 1.0, 2048, "test")
     roof = RooflineStats(15e9, 24_000_000, 600.0, 0.4, "test")
     model = ModelInfo(config.model, 6_000_000, int(24_000_000 * scale), False, config.dtype, "cpu", "LlamaForCausalLM")
-    return RunResult(config, model, lat, mem, acc, roof, (), None, (), status, None, "".join(TEXT), "2026-11-25T00:00:00",
-                     0.1)
+    return RunResult(config, model, lat, mem, acc, roof, techniques=(), env=None, status=status,
+                     output_text="".join(TEXT), outputs=("".join(TEXT),), started_at="2026-11-25T00:00:00",
+                     duration_s=0.1)
 
 
 class ScriptedRunner:
@@ -310,3 +311,116 @@ def test_real_core_through_the_app_fills_every_plot(app):
     assert w.sensitivity.start()
     w.sensitivity.thread.join(300)
     assert w.sensitivity.last_report is not None and len(w.sensitivity.plots.heatmap.z) == 6
+
+
+def test_execution_panel_shows_where_layers_live_and_how_busy_ranks_were(app):
+    from dataclasses import replace
+
+    from workbench.result import ParallelInfo, RankInfo
+
+    info = ParallelInfo("split", 1, None, {"model.embed_tokens": "cpu", "model.layers.0": "cpu",
+                                           "model.layers.1": "disk", "model.layers.2": "disk"},
+                        {"cpu": 1000, "disk": 3 * 1024 * 1024}, (RankInfo(0, "cpu", 2, 1, 0.87, 250.0),))
+
+    class SplitRunner(ScriptedRunner):
+        def __call__(self, config, on_event, should_stop):
+            return replace(super().__call__(config, on_event, should_stop), parallel=info)
+
+    w = app(SplitRunner())
+    w.start()
+    w.wait(10)
+    text = w.execution.value
+    assert "Execution: split" in text and "87%" in text and "model.layers.1-2" in text and "3.0 MiB" in text
+    assert set(w.settings["Parallelism"].form.inputs) == {"device_map", "max_memory", "tensor_parallel",
+                                                          "data_parallel"}
+    w.set_values(device_map="model.layers.0-2=disk")
+    assert w.config().device_map == "model.layers.0-2=disk"
+    w.set_values(compile=True)
+    assert "compile needs kv_cache=static" in w.problems.value and w.run_button.disabled
+
+
+@pytest.mark.slow
+def test_tensor_parallel_run_streams_live_in_the_app(app):
+    from workbench.parallel.distributed import cpu_cores
+    from workbench.runner import run
+
+    if cpu_cores() < 2:
+        pytest.skip("needs 2 CPU cores (one per rank)")
+    w = app(run)
+    drawn: list[int] = []
+    original = w.latency_plot.add
+
+    def spy(events):
+        drawn.extend(events)
+        return original(events)
+
+    w.latency_plot.add = spy
+    w.set_values(device="cpu", tensor_parallel=2, max_new_tokens=6, warmup=0, repeats=2, min_duration_s=0.0,
+                 eval_tokens=0)
+    assert w.start()
+    w.wait(300)
+    assert w.last_result is not None and w.last_result.status == "ok", w.error.value
+    assert any(e.phase == "measure" for e in drawn)  # rank 0's tokens reached the plot while the ranks ran
+    assert "Execution: tensor</b>, 2 ranks (gloo)" in w.execution.value and "<tr><td>1</td>" in w.execution.value
+
+
+class ScriptedDistiller:
+    """Emits a start metric and train steps like workbench.distill.distill; stops when asked."""
+
+    def __init__(self, steps: int = 6, block: threading.Event | None = None):
+        self.steps, self.block, self.configs = steps, block, []
+
+    def __call__(self, config, on_event, should_stop):
+        from types import SimpleNamespace
+
+        from workbench.distill import DistillStart
+        from workbench.events import MetricEvent, TrainEvent
+
+        self.configs.append(config)
+        on_event(MetricEvent("start", DistillStart(3.0, 4.0, 6_000_000, 3_000_000, "4 of 6 layers")))
+        done = 0
+        for step in range(1, self.steps + 1):
+            if self.block is not None:
+                self.block.wait(5)
+            if should_stop():
+                break
+            on_event(TrainEvent(step, self.steps, 5.0 - 0.1 * step, 3.9 - 0.05 * step if step % 2 == 0 else None,
+                                1000.0, 1e-3))
+            done = step
+        return SimpleNamespace(status="stopped" if done < self.steps else "ok", steps_done=done, wall_s=1.0,
+                               best_step=done, model=f"student:{config.name}", teacher_perplexity=20.0,
+                               start_perplexity=55.0, final_perplexity=30.0, teacher_params=6_000_000,
+                               student_params=3_000_000, recovered=0.6)
+
+
+def test_distillation_panel_draws_live_losses_and_offers_the_student(app):
+    distiller = ScriptedDistiller()
+    w = app(distiller=distiller)
+    panel = w.distill
+    panel.form.set_values({"steps": 6, "name": "my-student"})
+    assert panel.start()
+    panel.wait(10)
+    assert distiller.configs[0].name == "my-student" and distiller.configs[0].steps == 6
+    assert list(panel.plot.train.x) == [1, 2, 3, 4, 5, 6] and list(panel.plot.heldout.x) == [2, 4, 6]
+    assert len(panel.plot.widget.layout.shapes) == 2  # teacher and untrained-student reference lines
+    assert "55.00" in panel.summary.value and "30.00" in panel.summary.value and "student:my-student" in panel.summary.value
+    assert not panel.use_button.disabled and not panel.start_button.disabled and panel.stop_button.disabled
+    panel.use()
+    assert w.model_panel.model() == "student:my-student"
+
+
+def test_distillation_stop_and_bad_input(app):
+    block = threading.Event()
+    distiller = ScriptedDistiller(steps=50, block=block)
+    w = app(distiller=distiller)
+    panel = w.distill
+    panel.form.set_values({"name": "no spaces allowed"})
+    assert not panel.start() and "name" in panel.status.value and not distiller.configs
+    panel.form.set_values({"name": "ok-name", "steps": 50})
+    assert panel.start()
+    assert not panel.start() and "already running" in panel.status.value
+    panel.stop()
+    block.set()
+    panel.wait(10)
+    assert panel.last_result.status == "stopped" and panel.last_result.steps_done < 50
+    assert not panel.start_button.disabled

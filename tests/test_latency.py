@@ -59,8 +59,6 @@ def test_warnings_for_noise_and_early_end():
 
 
 def test_token_clock_inside_generate(tiny):
-    from transformers import StoppingCriteriaList
-
     seen = []
     clock = TokenClock(torch.device("cpu"), lambda i, t, toks: seen.append((i, t, toks)))
     ids = torch.tensor([[1, 2, 3, 4]])

@@ -6,7 +6,6 @@ import json
 import re
 
 import pytest
-import torch
 
 from workbench.models.sources import TINY_DIR
 

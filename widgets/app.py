@@ -12,8 +12,10 @@ from typing import Any
 
 import ipywidgets as W
 
+from widgets.distill import DistillPanel
 from widgets.history import HistoryPanel
-from widgets.panels import ModelPanel, SettingsPanel, TechniquesPanel
+from widgets.panels import SETTINGS_GROUPS, ModelPanel, SettingsPanel, TechniquesPanel
+from widgets.tables import parallel_html
 from widgets.plots import AccuracyPlot, LatencyPlot, MemoryPlot, RooflinePlot, live_figure, persist
 from widgets.sensitivity import SensitivityPanel
 from workbench.config import RunConfig
@@ -50,9 +52,10 @@ class Workbench(W.VBox):
     """The workbench app. Display it as the last expression of a cell; `__init__` never calls display()."""
 
     def __init__(self, store_path: str = DEFAULT_PATH, runner: Runner | None = None,
-                 analyzer: Callable[..., Any] | None = None, budget_ms: float = 1000.0,
+                 analyzer: Callable[..., Any] | None = None, distiller: Callable[..., Any] | None = None,
+                 budget_ms: float = 1000.0,
                  redraw_interval_s: float = 0.1) -> None:
-        from workbench.runner import resolve_device
+        from workbench.execution import resolve_device
 
         self.store_path = store_path
         self.runner = runner or default_runner()
@@ -66,13 +69,14 @@ class Workbench(W.VBox):
         self.model_panel = ModelPanel()
         self.quant = TechniquesPanel("quant", device)
         self.prune = TechniquesPanel("prune", device)
-        self.settings = {group: SettingsPanel(group) for group in ("Workload", "Execution", "Measurement", "Accuracy")}
+        self.settings = {group: SettingsPanel(group) for group in SETTINGS_GROUPS}
         self.live, cells = live_figure()
         self.latency_plot, self.roofline_plot = LatencyPlot(cells[0], budget_ms), RooflinePlot(cells[1])
         self.memory_plot, self.accuracy_plot = MemoryPlot(cells[2]), AccuracyPlot(cells[3])
         persist(self.live)  # every painter's traces are in the state a page draws first (plotly #4998)
         self.history = HistoryPanel(store_path)
         self.sensitivity = SensitivityPanel(self, analyzer)
+        self.distill = DistillPanel(self, distiller)
         self._build_controls(budget_ms)
         super().__init__(self._layout())
         for panel in (self.model_panel, self.quant, self.prune, *self.settings.values()):
@@ -101,21 +105,24 @@ class Workbench(W.VBox):
         self._text = ""
         self.latency_notes, self.accuracy_notes, self.run_notes = W.HTML(), W.HTML(), W.HTML()
         self.model_info = W.HTML()
+        self.execution = W.HTML()
 
     def _layout(self) -> list[W.Widget]:
         inputs = W.Accordion(children=[self.model_panel.box, self.quant.box, self.prune.box,
                                        *(p.box for p in self.settings.values())],
-                             titles=("Model", "Quantization", "Pruning", "Workload", "Execution", "Measurement",
-                                     "Accuracy"), selected_index=0, layout={"width": "520px"})
+                             titles=("Model", "Quantization", "Pruning", *SETTINGS_GROUPS), selected_index=0,
+                             layout={"width": "520px"})
         left = W.VBox([inputs, self.problems, W.HBox([self.run_button, self.stop_button]), self.budget],
                       layout={"width": "540px"})
-        live = W.VBox([self.progress, self.status, self.error, self.model_info, self.text, self.run_notes],
+        live = W.VBox([self.progress, self.status, self.error, self.model_info, self.text, self.run_notes,
+                       self.execution],
                       layout={"flex": "1 1 auto"})
         plots = W.VBox([self.live, W.HBox([self.latency_notes, self.accuracy_notes])])
         title = W.HTML(CSS + "<h3 style='margin:4px 0'>LLM Inference Workbench</h3><span class='wb-note'>Choose a "
                        "model and techniques, press Run: latency, memory and accuracy are measured in one run.</span>")
         return [title, W.HBox([left, live]), plots,
-                W.HTML("<h4>History</h4>"), self.history.box, W.HTML("<h4>Sensitivity</h4>"), self.sensitivity.box]
+                W.HTML("<h4>History</h4>"), self.history.box, W.HTML("<h4>Sensitivity</h4>"), self.sensitivity.box,
+                W.HTML("<h4>Distillation</h4>"), self.distill.box]
 
     # ------------------------------------------------------------------ settings
     def set_values(self, **values: Any) -> None:
@@ -146,7 +153,7 @@ class Workbench(W.VBox):
 
     def validate(self) -> RunConfig | None:
         """Explain an impossible setting before Run (and disable Run); return the config when valid."""
-        from workbench.runner import resolve_device
+        from workbench.execution import resolve_device
         from workbench.techniques import check_combination
 
         try:
@@ -194,6 +201,7 @@ class Workbench(W.VBox):
 
     def _reset_view(self) -> None:
         self.error.value = self.latency_notes.value = self.accuracy_notes.value = self.run_notes.value = ""
+        self.execution.value = ""
         self._text, self._buffer = "", []
         self._set_text("")
         self.last_error = None
@@ -335,3 +343,4 @@ class Workbench(W.VBox):
                                  (f", decode {decode:.1f} tokens/s" if decode else "") + f" in {result.duration_s:.1f} s")
         if result.output_text:
             self._set_text(result.output_text)
+        self.execution.value = parallel_html(result.parallel)

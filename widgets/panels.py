@@ -18,7 +18,10 @@ RANDOM_NOTE = "random weights: speed and memory only"
 
 def model_choices() -> list[tuple[str, str]]:
     """Dropdown options: the reference model, the presets (marked), and a free-text entry."""
+    from workbench.models.sources import saved_students
+
     options = [("tiny — the reference model (real weights)", "tiny")]
+    options += [(f"student:{name} — distilled (real weights)", f"student:{name}") for name in saved_students()]
     options += [(f"preset:{name} — {RANDOM_NOTE}", f"preset:{name}") for name in sorted(PRESETS)]
     return options + [("hub id or local folder…", OTHER)]
 
@@ -37,7 +40,7 @@ class ModelPanel:
                                  tooltip=tips["model"], style={"description_width": "60px"}, layout={"width": "460px"})
         self.other = W.Text(placeholder="org/name or /path/to/folder", description="hub id / folder",
                             style={"description_width": "110px"}, layout={"width": "460px", "display": "none"})
-        self.form = FieldForm(RunConfig, ["dtype", "trust_remote_code"])
+        self.form = FieldForm(RunConfig, ["dtype", "trust_remote_code", "allow_pickle"])
         self.note = W.HTML()
         self.source.observe(self._on_source, "value")
         self.box = W.VBox([self.source, self.other, self.form.box, self.note])
@@ -51,7 +54,8 @@ class ModelPanel:
                            if random else "")
 
     def set_model(self, model: str) -> None:
-        """Select a source from the list, or type it as a hub id / folder."""
+        """Select a source from the list (re-read, so new students appear), or type it as a hub id / folder."""
+        self.source.options = model_choices()
         if model in {value for _, value in self.source.options}:
             self.source.value = model
         else:
@@ -125,7 +129,8 @@ class TechniquesPanel:
 
 SETTINGS_GROUPS = {
     "Workload": ["prompt", "prompt_tokens", "max_new_tokens", "batch_size", "seed"],
-    "Execution": ["device", "threads"],
+    "Execution": ["device", "threads", "interop_threads", "attn_implementation", "kv_cache", "compile"],
+    "Parallelism": ["device_map", "max_memory", "tensor_parallel", "data_parallel"],
     "Measurement": ["warmup", "repeats", "min_duration_s", "max_repeats", "token_events"],
     "Accuracy": ["eval_tokens", "eval_context"],
 }

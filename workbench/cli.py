@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import signal
 import sys
 import typing
 from collections.abc import Sequence
 from typing import Any
 
 from workbench import logs
+from workbench.distill_cli import add_distill_parser, cmd_distill
+from workbench.sweep_cli import add_sweep_parser, cmd_sweep
 
 EXIT_ERROR, EXIT_USAGE, EXIT_STOPPED = 1, 2, 130
 
@@ -105,6 +106,7 @@ def _progress_printer(enabled: bool):
 
 def cmd_run(args: argparse.Namespace) -> int:
     from workbench.errors import WorkbenchError
+    from workbench.interrupt import stop_on_ctrl_c
     from workbench.report import format_result
     from workbench.runner import run
     from workbench.store import DEFAULT_PATH, Store
@@ -113,25 +115,15 @@ def cmd_run(args: argparse.Namespace) -> int:
         config = _config_from_args(args)
     except ValueError as e:
         return _usage(args.prog, str(e))
-    stop = {"requested": False}
-
-    def on_sigint(signum: int, frame: Any) -> None:
-        if stop["requested"]:
-            raise KeyboardInterrupt
-        stop["requested"] = True
-        print("stopping after the current token (Ctrl-C again to abort)", file=sys.stderr, flush=True)
-
-    previous = signal.signal(signal.SIGINT, on_sigint)
     store = None
     try:
-        store = None if args.no_store else Store(args.store or DEFAULT_PATH)
-        result = run(config, _progress_printer(not args.json), lambda: stop["requested"])
+        with stop_on_ctrl_c("stopping after the current token") as stop:
+            store = None if args.no_store else Store(args.store or DEFAULT_PATH)
+            result = run(config, _progress_printer(not args.json), stop)
     except WorkbenchError as e:
         if store is not None:
             store.add_error(config, str(e))
         return _fail(str(e), args.json, config)
-    finally:
-        signal.signal(signal.SIGINT, previous)
     if store is not None:
         result = result.with_id(store.add(result))
     print(result.to_json() if args.json else format_result(result), flush=True)
@@ -294,6 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--show", type=int, default=None, metavar="ID", help="one run in full")
     r.add_argument("--limit", type=int, default=50, help="rows listed (default 50)")
     _sensitivity_parser(sub)
+    add_sweep_parser(sub)
+    add_distill_parser(sub)
     from workbench.dashboard import DashboardConfig
 
     d = sub.add_parser("dashboard", help="serve the app as a Voila dashboard (127.0.0.1 unless told otherwise)")
@@ -307,7 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 COMMANDS = {"run": cmd_run, "models": cmd_models, "techniques": cmd_techniques, "results": cmd_results,
-            "build-reference": cmd_build_reference, "sensitivity": cmd_sensitivity, "dashboard": cmd_dashboard}
+            "build-reference": cmd_build_reference, "sensitivity": cmd_sensitivity, "dashboard": cmd_dashboard,
+            "sweep": cmd_sweep, "distill": cmd_distill}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

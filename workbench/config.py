@@ -61,11 +61,24 @@ def _check_type(obj: Any, f: dataclasses.Field, hint: Any) -> None:
         raise ValueError(f"{f.name} must be {_SCALARS[allowed[0]]}; got {value!r}")
 
 
+def _check_text(obj: Any, f: dataclasses.Field) -> None:
+    """Raise ValueError when text holds a lone surrogate (undecodable bytes from argv, a broken widget value)."""
+    value = getattr(obj, f.name)
+    for text in value if isinstance(value, tuple) else (value,):
+        if isinstance(text, str):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise ValueError(f"{f.name} is not valid Unicode text: character {e.start} is a lone surrogate "
+                                 "(undecodable bytes?); give UTF-8 text") from None
+
+
 def check_fields(obj: Any) -> None:
     """Validate every field of a dataclass instance against its type and metadata."""
     hints = typing.get_type_hints(type(obj))
     for f in dataclasses.fields(obj):
         _check_type(obj, f, hints[f.name])
+        _check_text(obj, f)
         check_field(obj, f)
 
 
@@ -74,13 +87,17 @@ class RunConfig:
     """One inference run: the model, how it is executed and measured, and which techniques apply."""
 
     model: str = option("tiny", "Model source: 'tiny' (the shipped reference model), 'preset:NAME' "
-                        "(a real architecture with random weights: speed and memory only), a Hugging "
-                        "Face hub id, or a local folder.", group="Model")
+                        "(a real architecture with random weights: speed and memory only), 'student:NAME' "
+                        "(a student saved by `workbench distill`), a Hugging Face hub id, or a local folder.",
+                        group="Model")
     dtype: str = option("fp32", "Weight and activation dtype.", group="Model", choices=DTYPES)
     device: str = option("auto", "Where to run: auto (CUDA if present, else CPU), cpu, cuda or cuda:N.",
                          group="Execution")
     trust_remote_code: bool = option(False, "Allow a hub model to run its own Python code (off: "
                                      "only architectures built into transformers load).", group="Model")
+    allow_pickle: bool = option(False, "Allow a pickle checkpoint (pytorch_model.bin) when a model has no "
+                                "safetensors weights; pickle files can carry code, so only for sources you trust "
+                                "(off: safetensors only).", group="Model")
     prompt: str | None = option(None, "Prompt text (default: a short sentence in the reference "
                                 "corpus's style). Exclusive with prompt_tokens.", group="Workload")
     prompt_tokens: int | None = option(None, "Use a prompt of exactly this many tokens (cut from the "
@@ -97,6 +114,28 @@ class RunConfig:
                               group="Measurement", minimum=1, maximum=100000)
     threads: int | None = option(None, "Intra-op CPU threads (default: PyTorch's choice).",
                                  group="Execution", minimum=1, maximum=1024)
+    interop_threads: int | None = option(None, "Inter-op CPU threads (PyTorch allows setting them once per "
+                                         "process: later runs in the same process keep the first value).",
+                                         group="Execution", minimum=1, maximum=1024)
+    attn_implementation: str = option("sdpa", "Attention kernel: sdpa (PyTorch scaled_dot_product_attention) "
+                                      "or eager (plain matmuls, what the model code spells out).",
+                                      group="Execution", choices=("sdpa", "eager"))
+    kv_cache: str = option("dynamic", "KV cache: dynamic (grows each token) or static (preallocated for "
+                           "prompt + new tokens; needed by compile).", group="Execution",
+                           choices=("dynamic", "static"))
+    compile: bool = option(False, "torch.compile the model's forward (static KV cache); the first call compiles, "
+                           "its time is reported as cold start apart from the warm latency.", group="Execution")
+    device_map: str | None = option(None, "Split the model across devices: auto, balanced or sequential "
+                                    "(accelerate), or an explicit map 'LAYERS=DEVICE;...', e.g. "
+                                    "'model.layers.0-2=cpu;model.layers.3-5=disk' (disk: offloaded to files, "
+                                    "loaded per use). Default: everything on --device.", group="Parallelism")
+    max_memory: str | None = option(None, "Memory cap per device for an automatic device_map, e.g. "
+                                    "'cpu=2GiB,cuda:0=10GiB'.", group="Parallelism")
+    tensor_parallel: int = option(1, "Ranks that each hold a slice of every layer (torch.distributed: gloo on "
+                                  "CPU, nccl on GPU), through transformers' tensor-parallel plan.",
+                                  group="Parallelism", minimum=1, maximum=1024)
+    data_parallel: int = option(1, "Replicas in separate processes; each takes a share of the batch and of the "
+                                "CPU cores (or one GPU each).", group="Parallelism", minimum=1, maximum=1024)
     eval_tokens: int = option(2048, "Held-out tokens scored for perplexity and agreement, rounded up to whole "
                               "windows (0: skip accuracy).", group="Accuracy", minimum=0, maximum=1_000_000)
     eval_context: int = option(256, "Tokens per evaluation window (capped at the model's context).",
@@ -125,12 +164,42 @@ class RunConfig:
             raise ValueError("give either prompt or prompt_tokens, not both")
         if self.prompt is not None and not self.prompt.strip():
             raise ValueError("prompt is empty: give some text, or prompt_tokens=N")
+        self._check_parallelism()
         if isinstance(self.techniques, (list, str)):
             object.__setattr__(self, "techniques", tuple([self.techniques] if isinstance(self.techniques, str)
                                                          else self.techniques))
         from workbench.techniques import normalize_specs
 
         object.__setattr__(self, "techniques", normalize_specs(self.techniques, self.dtype))
+
+    def _check_parallelism(self) -> None:
+        """Settings that exclude each other, refused with the reason."""
+        if self.tensor_parallel > 1 and self.data_parallel > 1:
+            raise ValueError("choose tensor_parallel or data_parallel, not both")
+        if self.device_map and (self.tensor_parallel > 1 or self.data_parallel > 1):
+            raise ValueError("device_map splits one process's model; it does not combine with tensor_parallel "
+                             "or data_parallel")
+        if self.data_parallel > self.batch_size:
+            raise ValueError(f"data_parallel {self.data_parallel} splits the batch between replicas: batch_size "
+                             f"must be at least {self.data_parallel}; got {self.batch_size}")
+        if self.max_memory and self.device_map not in ("auto", "balanced", "sequential"):
+            raise ValueError("max_memory caps an automatic device_map: set device_map to auto, balanced or "
+                             "sequential")
+        if self.device_map:
+            from workbench.parallel.placement import parse_device_map
+
+            parse_device_map(self.device_map)
+        if self.max_memory:
+            from workbench.parallel.placement import parse_max_memory
+
+            parse_max_memory(self.max_memory)
+        if self.compile:
+            if self.kv_cache != "static":
+                raise ValueError("compile needs kv_cache=static (a fixed-shape cache compiles once)")
+            if self.warmup < 1:
+                raise ValueError("compile needs warmup >= 1: the first call compiles, and is reported as cold start")
+            if self.device_map:
+                raise ValueError("compile does not work with a device_map's offload hooks; drop one of them")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (JSON edge)."""

@@ -62,7 +62,12 @@ class WarningEvent:
 
 @dataclass(frozen=True)
 class TrainEvent:
-    """One training step (reference build, distillation): losses in nats per token."""
+    """One training step (reference build, distillation): losses in nats per token.
+
+    `loss` is the cross-entropy on the step's training batch, `heldout_loss` the cross-entropy on the
+    held-out text (log of its perplexity; None between checks), `kl` the distillation term
+    KL(teacher ‖ student) at the distillation temperature (None outside distillation).
+    """
 
     step: int
     steps: int
@@ -70,6 +75,7 @@ class TrainEvent:
     heldout_loss: float | None
     tokens_per_s: float
     lr: float
+    kl: float | None = None
 
 
 Event = StageEvent | TokenEvent | RepeatEvent | MetricEvent | WarningEvent | TrainEvent

@@ -56,9 +56,14 @@ def format_result(r: RunResult) -> str:
         rows += [("TTFT p50/p90/p99", _pct(lat.ttft_ms) + " ms"), ("TPOT p50/p90/p99", _pct(lat.tpot_ms) + " ms"),
                  ("ITL p50/p90/p99", _pct(lat.itl_ms) + " ms"), ("E2E p50/p90/p99", _pct(lat.e2e_ms) + " ms"),
                  ("prefill", _num(lat.prefill_tokens_per_s, ".0f", " tokens/s")),
-                 ("decode", _num(lat.decode_tokens_per_s, ".1f", " tokens/s")),
+                 ("decode", _num(lat.decode_tokens_per_s, ".1f", " tokens/s")
+                  + (f" aggregate, {_num(lat.decode_tokens_per_s_per_sequence, '.1f')} per sequence"
+                     if lat.batch_size > 1 else "")),
                  ("repeats", f"{lat.repeats} timed (+{lat.warmup} warm-up), {lat.batch_size} x {lat.new_tokens} "
                              f"new tokens after {lat.prompt_tokens} prompt tokens, CV {_num(lat.cv, '.1%')}")]
+    if lat and lat.cold_start_s is not None:
+        rows.append(("cold start", f"{lat.cold_start_s:.2f} s (load, apply, compile, warm-up; not in the latency)"))
+    rows += _parallel_rows(r)
     if mem:
         rows += [("weights", human_bytes(mem.weights_bytes)), ("KV cache", human_bytes(mem.kv_cache_bytes)),
                  ("host peak: load / run", f"{human_bytes(mem.load_peak_host_bytes)} / {human_bytes(mem.peak_host_bytes)}")]
@@ -81,6 +86,30 @@ def format_result(r: RunResult) -> str:
     if r.error:
         out.append(f"error: {r.error}")
     return "\n".join(out)
+
+
+def _parallel_rows(r: RunResult) -> list[tuple[str, str]]:
+    """Execution settings, where layers live, and each rank's share."""
+    c, p, rows = r.config, r.parallel, []
+    if c is not None:
+        rows.append(("execution", f"{c.threads or 'all'} threads, {c.attn_implementation} attention, "
+                                  f"{c.kv_cache} KV cache{', torch.compile' if c.compile else ''}"))
+    if p is None:
+        return rows
+    if p.placement:
+        by_device: dict[str, int] = {}
+        for device in p.placement.values():
+            by_device[device] = by_device.get(device, 0) + 1
+        rows.append(("placement", ", ".join(f"{n} modules on {d} ({human_bytes(p.bytes_by_device.get(d))})"
+                                            for d, n in by_device.items())))
+    if p.kind in ("tensor", "data"):
+        rows.append((f"{p.kind} parallel", f"{p.world_size} ranks over {p.backend}"
+                     + (f", aggregate {p.aggregate_decode_tokens_per_s:.1f} decode tokens/s"
+                        if p.aggregate_decode_tokens_per_s else "")))
+    for k in p.ranks if p.world_size > 1 else ():
+        rows.append((f"  rank {k.rank}", f"{k.device}, {k.threads} threads, {k.rows} prompts, busy "
+                                         f"{_num(k.busy, '.0%')}, {_num(k.decode_tokens_per_s, '.1f')} tokens/s"))
+    return rows
 
 
 def format_summaries(rows: list[dict[str, Any]]) -> str:

@@ -60,6 +60,8 @@ class LatencyStats:
     batch_size: int = 1
     measured_s: float = 0.0
     samples: tuple[RepeatTiming, ...] = ()
+    decode_tokens_per_s_per_sequence: float | None = None
+    cold_start_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -114,6 +116,31 @@ class TechniqueRecord:
 
 
 @dataclass(frozen=True)
+class RankInfo:
+    """One process of a run: where it ran, how much of the batch it took, how busy it was."""
+
+    rank: int
+    device: str
+    threads: int
+    rows: int
+    busy: float | None  # CPU seconds used / (wall seconds x threads) while measuring; GPU: NVML utilisation
+    decode_tokens_per_s: float | None = None
+
+
+@dataclass(frozen=True)
+class ParallelInfo:
+    """How the run was spread: one process, a device map, tensor-parallel or data-parallel ranks."""
+
+    kind: str  # "single" | "split" | "tensor" | "data"
+    world_size: int
+    backend: str | None
+    placement: dict[str, str]  # module -> device (cpu, cuda:N, disk); empty when everything is on one device
+    bytes_by_device: dict[str, int]
+    ranks: tuple[RankInfo, ...]
+    aggregate_decode_tokens_per_s: float | None = None
+
+
+@dataclass(frozen=True)
 class EnvInfo:
     """Where the run happened."""
 
@@ -145,6 +172,8 @@ class RunResult:
     status: str = "ok"
     error: str | None = None
     output_text: str = ""
+    outputs: tuple[str, ...] = ()
+    parallel: ParallelInfo | None = None
     started_at: str = ""
     duration_s: float = 0.0
     run_id: int | None = field(default=None, compare=False)

@@ -166,7 +166,7 @@ def analyze(model: str = "tiny", technique: str = "sim:bits=4", *, dtype: str = 
             eval_tokens: int = 512, eval_context: int = 128, histogram_layer: str | None = None,
             on_event: OnEvent = no_event, should_stop: Callable[[], bool] = never_stop) -> SensitivityReport | None:
     """Per-layer SQNR and KL of `technique` on `model`; None if stopped."""
-    from workbench.runner import resolve_device
+    from workbench.execution import resolve_device
 
     spec = RunConfig(model=model, dtype=dtype, device=device, techniques=(technique,)).techniques[0]
     name = parse_spec(spec).name

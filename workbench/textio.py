@@ -59,22 +59,24 @@ def encode(tokenizer: Any, text: str) -> list[int]:
 
 
 def build_prompts(config: RunConfig, tokenizer: Any, vocab_size: int) -> list[list[int]]:
-    """One prompt per batch row, all the same length (no padding needed).
+    """One distinct prompt per batch row, all the same length (no padding needed).
 
-    Text prompts repeat in every row; `prompt_tokens=N` cuts each row's N tokens from a different
-    place in the held-out text, so rows differ.
+    Row 0 is the prompt text (or the first `prompt_tokens` held-out tokens); every other row is
+    cut, at that length, from a different place in the held-out text.
     """
+    stream = heldout_ids(tokenizer)
     if config.prompt_tokens is None:
-        ids = encode(tokenizer, config.prompt if config.prompt is not None else DEFAULT_PROMPT)
-        if not ids:
+        first = encode(tokenizer, config.prompt if config.prompt is not None else DEFAULT_PROMPT)
+        if not first:
             raise ConfigError("the prompt encodes to zero tokens; give some text")
-        rows = [ids] * config.batch_size
+        n = len(first)
     else:
-        stream = heldout_ids(tokenizer)
-        n = config.prompt_tokens
-        while len(stream) < n * config.batch_size:
-            stream = stream + stream
-        rows = [stream[i * n:(i + 1) * n] for i in range(config.batch_size)]
+        first, n = None, config.prompt_tokens
+    while len(stream) < n * config.batch_size:
+        stream = stream + stream
+    rows = [stream[i * n:(i + 1) * n] for i in range(config.batch_size)]
+    if first is not None:
+        rows[0] = first
     if max(max(r) for r in rows) >= vocab_size:
         raise ConfigError(f"the tokenizer produced ids beyond the model's vocabulary of {vocab_size}")
     return rows

@@ -95,13 +95,16 @@ def decode_tokens_per_s(t: RepeatTiming, batch: int) -> float | None:
     return batch * (n - 1) / (decode_ms / 1e3) if n >= 2 and decode_ms > 0 else None
 
 
-def summarize(samples: list[RepeatTiming], *, batch: int, prompt_tokens: int, warmup: int) -> LatencyStats:
+def summarize(samples: list[RepeatTiming], *, batch: int, prompt_tokens: int, warmup: int,
+              cold_start_s: float | None = None) -> LatencyStats:
     """Percentiles and throughput over the timed repeats.
 
     TTFT: start of `generate` to the first new token. TPOT: (E2E - TTFT) / (N - 1) per repeat.
     ITL: every gap between consecutive tokens of every repeat. Throughputs use the medians of
     the repeats: prefill = batch x prompt tokens / TTFT, decode = batch x (N - 1) / (E2E - TTFT).
-    CV: standard deviation / mean of E2E over the repeats.
+    CV: standard deviation / mean of E2E over the repeats. Per sequence: decode tokens/s / batch
+    (what each user sees). Cold start: the first `generate` call of the run (warm-up or not), which
+    pays one-time costs such as compilation.
     """
     n = min((len(s.token_ms) for s in samples), default=0)
     ttft = [s.ttft_ms for s in samples]
@@ -110,13 +113,14 @@ def summarize(samples: list[RepeatTiming], *, batch: int, prompt_tokens: int, wa
     itl = [b - a for s in samples for a, b in zip(s.token_ms, s.token_ms[1:])]
     ttft_p50 = statistics.median(ttft) if ttft else None
     decode = [d for s in samples if (d := decode_tokens_per_s(s, batch)) is not None]
+    decode_p50 = statistics.median(decode) if decode else None
     cv = statistics.pstdev(e2e) / statistics.fmean(e2e) if len(e2e) >= 2 and statistics.fmean(e2e) > 0 else None
     return LatencyStats(
         ttft_ms=percentiles(ttft), tpot_ms=percentiles(tpot), itl_ms=percentiles(itl), e2e_ms=percentiles(e2e),
         prefill_tokens_per_s=batch * prompt_tokens / (ttft_p50 / 1e3) if ttft_p50 else None,
-        decode_tokens_per_s=statistics.median(decode) if decode else None,
-        cv=cv, warmup=warmup, repeats=len(samples), new_tokens=n, prompt_tokens=prompt_tokens,
-        batch_size=batch, measured_s=sum(e2e) / 1e3, samples=tuple(samples))
+        decode_tokens_per_s=decode_p50, cv=cv, warmup=warmup, repeats=len(samples), new_tokens=n,
+        prompt_tokens=prompt_tokens, batch_size=batch, measured_s=sum(e2e) / 1e3, samples=tuple(samples),
+        decode_tokens_per_s_per_sequence=decode_p50 / batch if decode_p50 else None, cold_start_s=cold_start_s)
 
 
 def latency_warnings(stats: LatencyStats, expected_tokens: int) -> list[str]:

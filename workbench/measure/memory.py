@@ -10,11 +10,26 @@ from typing import Any
 import psutil
 import torch
 
+from workbench.result import MemoryStats
+
 logger = logging.getLogger(__name__)
 
 
 def _tensor_bytes(t: torch.Tensor, seen: set[tuple[str, int]]) -> int:
-    """Bytes of a tensor's own storage, recursing into tensor subclasses (torchao, bnb, quantized)."""
+    """Bytes of a tensor's own storage, recursing into tensor subclasses (torchao, bnb, quantized).
+
+    A tensor-parallel DTensor counts its local shard's elements: the bytes this rank reads per token. (Its
+    shard may be a view into the whole memory-mapped checkpoint tensor, whose untouched pages cost no RAM.)
+    """
+    if not isinstance(t, torch.Tensor):
+        return 0
+    if hasattr(t, "device_mesh") and hasattr(t, "to_local"):
+        local = t.to_local()
+        key = ("shard:" + str(local.device), local.data_ptr())
+        if key in seen and key[1] != 0:
+            return 0
+        seen.add(key)
+        return local.numel() * local.element_size()
     flatten = getattr(type(t), "__tensor_flatten__", None)
     if flatten is not None and type(t) not in (torch.Tensor, torch.nn.Parameter):
         names, _ = t.__tensor_flatten__()
@@ -218,3 +233,16 @@ def _cgroup_headroom() -> int | None:
         if limit is not None and used is not None and limit < 1 << 60:
             return max(0, limit - used)
     return None
+
+
+def memory_stats(measured: dict[str, Any], weights: int | None, kv_cache: int | None) -> MemoryStats:
+    """MemoryStats from what a run's trackers recorded (`load_gpu` / `run_gpu` are GpuPeak peaks)."""
+    load_gpu, run_gpu = measured.get("load_gpu"), measured.get("run_gpu")
+    return MemoryStats(
+        weights_bytes=weights, kv_cache_bytes=kv_cache,
+        load_peak_host_bytes=measured.get("load_peak_host_bytes"), peak_host_bytes=measured.get("peak_host_bytes"),
+        peak_gpu_allocated_bytes=run_gpu.allocated if run_gpu else None,
+        peak_gpu_reserved_bytes=run_gpu.reserved if run_gpu else None,
+        idle_host_bytes=measured.get("idle_host_bytes"), gpu_used_bytes_nvml=run_gpu.nvml_used if run_gpu else None,
+        load_peak_gpu_allocated_bytes=load_gpu.allocated if load_gpu else None,
+        host_method=measured.get("host_method", ""))

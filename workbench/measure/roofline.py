@@ -71,6 +71,17 @@ def memory_bandwidth(device: torch.device, refresh: bool = False) -> tuple[float
     return best, f"read bandwidth: best of {probes} probe(s) summing {nbytes >> 20} MiB ({key})"
 
 
+def bytes_per_step(model: torch.nn.Module, weights: int, kv_cache: int | None, prompt: int, new_tokens: int) -> int:
+    """Bytes one decode step reads: the weights (an untied input embedding only reads B rows, so it is left out)
+    plus the KV cache at its mean length over the generation."""
+    read = weights
+    emb, out = model.get_input_embeddings(), model.get_output_embeddings()
+    if emb is not None and out is not None and emb.weight is not getattr(out, "weight", None):
+        read -= emb.weight.numel() * emb.weight.element_size()
+    kv_mean = (kv_cache or 0) * (prompt + new_tokens / 2) / (prompt + new_tokens)
+    return int(read + kv_mean)
+
+
 def roofline(bandwidth: float, bytes_per_step: int, batch: int, decode_tokens_per_s: float | None,
              method: str) -> RooflineStats:
     """The decode bound for `batch` rows per step and how close the measured decode came to it."""

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -14,6 +16,8 @@ from workbench.models.sources import TINY_DIR, TORCH_DTYPES, ModelSource, _hub_k
 logger = logging.getLogger(__name__)
 
 _BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+_PICKLE_HINT = "pickle files can carry code: pass --allow-pickle only if you trust where it came from"
 
 
 @dataclass
@@ -41,48 +45,80 @@ def load_tokenizer(source: ModelSource, trust_remote_code: bool = False) -> Any:
     return tok
 
 
-def _weights_error(source: ModelSource, error: Exception) -> ModelSourceError:
+def refuse_pickle(source: ModelSource) -> None:
+    """Refuse a local folder whose only weights are a pickle checkpoint (before anything is read)."""
+    folder = Path(source.location)
+    if source.kind == "preset" or not folder.is_dir() or any(folder.glob("*.safetensors")):
+        return
+    pickles = sorted(f.name for f in folder.iterdir() if f.suffix in _PICKLE_SUFFIXES)
+    if pickles:
+        raise ModelSourceError(f"{source.spec!r} has only a pickle checkpoint ({pickles[0]}), no safetensors "
+                               f"weights; {_PICKLE_HINT}")
+
+
+def _weights_error(source: ModelSource, error: Exception, allow_pickle: bool = False) -> ModelSourceError:
     """Turn a loader exception into one sentence."""
     text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     low = text.lower()
     if "safetensor" in type(error).__name__.lower() or "header" in low or "deserializ" in low or "incomplete" in low:
         return ModelSourceError(f"the weights of {source.spec!r} are corrupt or truncated ({text})")
+    if "mismatched_sizes" in low:
+        return ModelSourceError(f"the weights of {source.spec!r} do not match its config.json (some layers have "
+                                "other shapes than the config describes)")
     if "size mismatch" in low or "shape" in low:
         return ModelSourceError(f"the weights of {source.spec!r} do not match its config.json ({text})")
+    if ("no file named" in low or "does not appear to have" in low) and not allow_pickle and source.kind == "hub":
+        return ModelSourceError(f"{source.spec!r} has no safetensors weights (model.safetensors); if it ships only "
+                                f"a pickle checkpoint (pytorch_model.bin), {_PICKLE_HINT}")
     if "no file named" in low or "does not appear to have" in low:
         return ModelSourceError(f"{source.spec!r} has no weights file (model.safetensors) next to its config")
     return ModelSourceError(f"cannot load the weights of {source.spec!r}: {text}")
 
 
 def load_model(source: ModelSource, dtype: str, device: torch.device, *, trust_remote_code: bool = False,
-               seed: int = 0) -> Loaded:
-    """Load weights (or build a preset with seeded random weights) onto `device` in `dtype`."""
+               seed: int = 0, attn_implementation: str = "sdpa", extra: dict[str, Any] | None = None,
+               allow_pickle: bool = False) -> Loaded:
+    """Load weights (or build a preset with seeded random weights) onto `device` in `dtype`.
+
+    Only safetensors weights load unless `allow_pickle` (then transformers reads a pickle checkpoint with
+    `torch.load(weights_only=True)`). `extra` goes to `from_pretrained` as is (e.g. a tensor-parallel
+    `distributed_config`).
+    """
     from transformers import AutoModelForCausalLM
 
     torch_dtype = TORCH_DTYPES[dtype]
-    if source.kind == "preset":
+    if source.kind == "preset" and not extra:
         config = load_config(source)
         torch.manual_seed(seed)
         with torch.device(device):
-            model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+            model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype, attn_implementation=attn_implementation)
     else:
-        kwargs: dict[str, Any] = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code, **_hub_kwargs(source)}
-        if device.type == "cuda":
+        kwargs: dict[str, Any] = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code,
+                                  "attn_implementation": attn_implementation, **_hub_kwargs(source), **(extra or {})}
+        if not allow_pickle:
+            refuse_pickle(source)
+            kwargs["use_safetensors"] = True
+        if device.type == "cuda" and not extra:
             kwargs["device_map"] = {"": device}
         try:
-            model = AutoModelForCausalLM.from_pretrained(source.location, **kwargs)
+            with contextlib.ExitStack() as scratch:
+                location = source.location
+                if source.kind == "preset":  # from_config cannot shard: load the same seeded weights from a folder
+                    from workbench.parallel.distributed import preset_folder
+
+                    location = scratch.enter_context(preset_folder(source, dtype, seed, attn_implementation))
+                model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
         except ModelSourceError:
             raise
         except ValueError as e:
             if "trust_remote_code" in str(e):
                 raise ModelSourceError(f"{source.spec!r} needs its own Python code to run; pass "
                                        "--trust-remote-code only if you trust its authors") from None
-            raise _weights_error(source, e) from None
-        except (OSError, RuntimeError, KeyError, TypeError) as e:
-            raise _weights_error(source, e) from None
-        except Exception as e:  # noqa: BLE001 - safetensors raises its own SafetensorError
-            raise _weights_error(source, e) from None
-        model.to(device)
+            raise _weights_error(source, e, allow_pickle) from None
+        except Exception as e:  # noqa: BLE001 - OSError, RuntimeError, safetensors' own SafetensorError...
+            raise _weights_error(source, e, allow_pickle) from None
+        if not extra:
+            model.to(device)
     model.eval()
     return Loaded(model, load_tokenizer(source, trust_remote_code), source, device)
 
@@ -137,7 +173,10 @@ def check_fits(est: MemoryEstimate, available: int, where: str, batch: int) -> N
     if est.total <= 0.9 * available:
         return
     gib = 1 << 30
+    advice = ("the weights alone do not fit: use a lower-precision dtype, a smaller model, or --device-map auto "
+              "to offload layers to disk" if est.weights > 0.9 * available else
+              "lower --batch-size, the token counts, or the dtype")
     raise InsufficientMemory(
         f"this run needs about {est.total / gib:.1f} GiB on {where} (weights {est.weights / gib:.1f} GiB, "
         f"KV cache {est.kv_cache / gib:.1f} GiB for batch {batch}, activations {est.activations / gib:.1f} GiB) "
-        f"but only {available / gib:.1f} GiB is free; lower --batch-size, the token counts, or the dtype")
+        f"but only {available / gib:.1f} GiB is free; {advice}")

@@ -1,4 +1,4 @@
-"""Model sources: the shipped reference model, random-weight presets, hub ids and local folders."""
+"""Model sources: the shipped reference model, random-weight presets, saved students, hub ids and local folders."""
 
 from __future__ import annotations
 
@@ -21,11 +21,13 @@ logger = logging.getLogger(__name__)
 TINY_DIR = Path(__file__).resolve().parent.parent / "reference" / "tiny"
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+STUDENT_PREFIX = "student:"
+STUDENT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 
 
 @dataclass(frozen=True)
 class ModelSource:
-    """A resolved `--model` value: kind is reference, preset, local or hub."""
+    """A resolved `--model` value: kind is reference, preset, student, local or hub."""
 
     spec: str
     kind: str
@@ -54,6 +56,8 @@ def resolve(spec: str) -> ModelSource:
         if name not in PRESETS:
             raise ModelSourceError(f"unknown preset {name!r}; presets: {', '.join(sorted(PRESETS))}")
         return ModelSource(spec, "preset", name)
+    if spec.startswith(STUDENT_PREFIX):
+        return _resolve_student(spec)
     path = Path(spec).expanduser()
     if path.is_dir():
         if not (path / "config.json").exists():
@@ -64,6 +68,30 @@ def resolve(spec: str) -> ModelSource:
     if spec.startswith((".", "/", "~")) or not _HUB_ID.match(spec):
         raise ModelSourceError(f"no model folder at {spec!r} (and it is not a hub id like 'org/name')")
     return ModelSource(spec, "hub", spec)
+
+
+def saved_students() -> list[str]:
+    """Names of the students saved by `workbench distill`, sorted."""
+    from workbench.paths import students_dir
+
+    return sorted(p.name for p in students_dir().iterdir()
+                  if p.is_dir() and STUDENT_NAME.match(p.name) and (p / "config.json").exists())
+
+
+def _resolve_student(spec: str) -> ModelSource:
+    """`student:NAME` -> the folder `workbench distill --name NAME` saved (real weights, HF format)."""
+    from workbench.paths import students_dir
+
+    name = spec[len(STUDENT_PREFIX):]
+    if not STUDENT_NAME.match(name):
+        raise ModelSourceError(f"{name!r} is not a student name: use letters, digits, '-' and '_' "
+                               "(e.g. student:tiny-student)")
+    folder = students_dir() / name
+    if not (folder / "config.json").exists():
+        known = ", ".join(saved_students()) or "none yet"
+        raise ModelSourceError(f"no saved student named {name!r} in {folder.parent} (saved: {known}); make one with "
+                               f"`workbench distill --name {name}`")
+    return ModelSource(spec, "student", str(folder))
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:

@@ -78,27 +78,42 @@ def make_model(recipe: Recipe, eos_id: int):  # -> LlamaForCausalLM
     return LlamaForCausalLM(config)
 
 
+def lr_at(step: int, steps: int, lr: float, warmup_steps: int, min_lr_ratio: float) -> float:
+    """Linear warm-up over `warmup_steps`, then cosine decay to lr * min_lr_ratio at `steps`."""
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, steps - warmup_steps)
+    return lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
 def _lr_at(step: int, recipe: Recipe) -> float:
-    """Linear warm-up, then cosine decay to lr * min_lr_ratio."""
-    if step < recipe.warmup_steps:
-        return recipe.lr * (step + 1) / recipe.warmup_steps
-    progress = (step - recipe.warmup_steps) / max(1, recipe.steps - recipe.warmup_steps)
-    return recipe.lr * (recipe.min_lr_ratio + (1 - recipe.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+    """The recipe's learning rate at `step`."""
+    return lr_at(step, recipe.steps, recipe.lr, recipe.warmup_steps, recipe.min_lr_ratio)
+
+
+def sample_batch(ids: torch.Tensor, batch_size: int, seq_len: int, gen: torch.Generator) -> torch.Tensor:
+    """`batch_size` random windows of seq_len + 1 tokens from a 1-D token stream: (B, T+1)."""
+    starts = torch.randint(0, len(ids) - seq_len - 1, (batch_size,), generator=gen)
+    return torch.stack([ids[s:s + seq_len + 1] for s in starts.tolist()])  # (B, T+1)
+
+
+def adamw(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (not norms or biases), betas (0.9, 0.95)."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95))
 
 
 def train(model: torch.nn.Module, train_ids: torch.Tensor, heldout_ids: list[int], recipe: Recipe,
           on_event: OnEvent = no_event, should_stop=never_stop) -> list[dict]:
     """Train on random windows of the token stream; returns the logged curve."""
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": recipe.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=recipe.lr, betas=(0.9, 0.95))
+    opt = adamw(model, recipe.lr, recipe.weight_decay)
     gen = torch.Generator().manual_seed(recipe.seed)
     probe = make_windows(heldout_ids, recipe.seq_len, 8192)
     curve, t0, tokens = [], time.perf_counter(), 0
     for step in range(recipe.steps):
-        starts = torch.randint(0, len(train_ids) - recipe.seq_len - 1, (recipe.batch_size,), generator=gen)
-        batch = torch.stack([train_ids[s:s + recipe.seq_len + 1] for s in starts.tolist()])  # (B, T+1)
+        batch = sample_batch(train_ids, recipe.batch_size, recipe.seq_len, gen)  # (B, T+1)
         lr = _lr_at(step, recipe)
         for group in opt.param_groups:
             group["lr"] = lr

@@ -98,7 +98,7 @@ def describe_techniques(device_spec: str = "auto") -> list[dict]:
     import dataclasses
     import typing
 
-    from workbench.runner import resolve_device
+    from workbench.execution import resolve_device
 
     device = resolve_device(device_spec)
     rows = []

@@ -48,6 +48,9 @@ class DynamicInt8Config(TechniqueConfig):
 
     granularity: str = option("per-channel", "Weight scales: one per output channel (more accurate) or one "
                               "per tensor.", choices=GRANULARITIES)
+    lm_head: bool = option(False, "Also quantize the output projection. A head tied to the embeddings gets its "
+                           "own int8 copy (the embedding lookup stays fp32 and reads one row per token), so "
+                           "decode reads far fewer bytes per token at the cost of that copy's memory.")
 
     @classmethod
     def unavailable(cls, device: torch.device) -> str | None:
@@ -81,11 +84,26 @@ def apply_dynamic_int8(config: DynamicInt8Config, ctx: ApplyContext) -> None:
     layers = require_linears(ctx.model, config.name)
     counts = {name: layer.weight.numel() + (layer.bias.numel() if layer.bias is not None else 0)
               for name, layer in layers}
+    head_name, tied = _head(ctx.model) if config.lm_head else (None, False)
+    if head_name is not None:
+        counts[head_name] = 0 if tied else ctx.model.get_submodule(head_name).weight.numel()  # tied: counted once
     ctx.on_progress("quantizing Linear weights", 0.0)
     with _quiet_deprecation():
         tq.quantize_dynamic(ctx.model, {name: qconfig for name in counts}, dtype=torch.qint8, inplace=True)
     for name, count in counts.items():  # the packed module hides its weight from parameters()
         ctx.model.get_submodule(name)._workbench_param_count = count
     ctx.on_progress("done", 1.0)
-    ctx.notes.append(f"{len(counts)} Linear layers quantized (output projection and embeddings kept in fp32); "
-                     f"quantized engine {torch.backends.quantized.engine}")
+    kept = ("embeddings kept in fp32, the output projection quantized" + (" (untied from them)" if tied else "")
+            if head_name else "output projection and embeddings kept in fp32")
+    ctx.notes.append(f"{len(counts)} Linear layers quantized ({kept}); quantized engine "
+                     f"{torch.backends.quantized.engine}")
+
+
+def _head(model: torch.nn.Module) -> tuple[str | None, bool]:
+    """(module name of the output projection, whether it shares its weight with the input embeddings)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if not isinstance(head, torch.nn.Linear):
+        return None, False
+    name = next(n for n, m in model.named_modules() if m is head)
+    embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    return name, embed is not None and getattr(embed, "weight", None) is head.weight

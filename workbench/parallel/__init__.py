@@ -1,0 +1,1 @@
+"""Parallel and distributed execution: model placement, tensor / data parallel ranks."""

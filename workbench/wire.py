@@ -1,0 +1,38 @@
+"""Events across process edges: an event dataclass <-> a JSON-ready message (sweep children, distributed ranks)."""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from typing import Any
+
+from workbench import events
+from workbench.serde import from_dict, to_dict
+
+
+def event_to_wire(event: Any) -> dict[str, Any]:
+    """An event dataclass as a JSON-ready message."""
+    return {"event": type(event).__name__, "data": to_dict(event)}
+
+
+def event_from_wire(message: dict[str, Any]) -> Any:
+    """Rebuild an event of `workbench.events` (None for anything unknown)."""
+    cls = getattr(events, str(message.get("event", "")), None)
+    data = message.get("data")
+    if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)) or not isinstance(data, dict):
+        return None
+    try:
+        if cls is events.MetricEvent:
+            return cls(data["section"], _metric_value(data["section"], data.get("value")))
+        return from_dict(cls, data)
+    except (ValueError, TypeError, KeyError):
+        return None
+
+
+def _metric_value(section: str, value: Any) -> Any:
+    """A MetricEvent's value as the RunResult field's dataclass (the dict itself when none fits)."""
+    from workbench.result import RunResult
+
+    hint = typing.get_type_hints(RunResult).get(section)
+    classes = [a for a in (typing.get_args(hint) or (hint,)) if dataclasses.is_dataclass(a)]
+    return from_dict(classes[0], value) if classes and isinstance(value, dict) else value
