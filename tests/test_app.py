@@ -424,3 +424,16 @@ def test_distillation_stop_and_bad_input(app):
     panel.wait(10)
     assert panel.last_result.status == "stopped" and panel.last_result.steps_done < 50
     assert not panel.start_button.disabled
+
+
+def test_run_and_stop_are_the_only_buttons_of_those_names(app):
+    import ipywidgets as W
+
+    def buttons(widget):
+        if isinstance(widget, W.Button):
+            yield widget
+        for child in getattr(widget, "children", ()):
+            yield from buttons(child)
+
+    labels = [b.description for b in buttons(app())]
+    assert labels.count("Run") == 1 and labels.count("Stop") == 1  # what DESIGN.md and the browser tests look for

@@ -68,9 +68,9 @@ class DistillPanel:
 
         self.app, self.distiller, self.redraw_interval_s = app, distiller, redraw_interval_s
         self.form = FieldForm(DistillConfig, FIELDS)
-        self.start_button = W.Button(description="Start", icon="graduation-cap", button_style="primary",
+        self.start_button = W.Button(description="Start training", icon="graduation-cap", button_style="primary",
                                      tooltip="Train the student from the teacher")
-        self.stop_button = W.Button(description="Stop", icon="stop", disabled=True,
+        self.stop_button = W.Button(description="Stop training", icon="stop", disabled=True,
                                     tooltip="End after the current step and save the best checkpoint so far")
         self.use_button = W.Button(description="Use the student", icon="check", disabled=True,
                                    tooltip="Select the saved student as the model of the next run")
