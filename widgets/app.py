@@ -13,11 +13,12 @@ from typing import Any
 import ipywidgets as W
 
 from widgets.distill import DistillPanel
+from widgets.forms import error_html, warning_html
 from widgets.history import HistoryPanel
 from widgets.panels import SETTINGS_GROUPS, ModelPanel, SettingsPanel, TechniquesPanel
-from widgets.tables import parallel_html
 from widgets.plots import AccuracyPlot, LatencyPlot, MemoryPlot, RooflinePlot, live_figure, persist
 from widgets.sensitivity import SensitivityPanel
+from widgets.tables import parallel_html
 from workbench.config import RunConfig
 from workbench.errors import WorkbenchError
 from workbench.events import STAGES, MetricEvent, RepeatEvent, StageEvent, TokenEvent, WarningEvent
@@ -160,7 +161,7 @@ class Workbench(W.VBox):
             config = self.config()
             check_combination(config.techniques, resolve_device(config.device))
         except (ValueError, WorkbenchError) as e:
-            self.problems.value = f"<span class='wb-error'>Cannot run: {html.escape(str(e))}</span>"
+            self.problems.value = error_html(f"Cannot run: {e}")
             self.run_button.disabled = True
             return None
         self.problems.value = ""
@@ -176,7 +177,7 @@ class Workbench(W.VBox):
     def start(self, config: RunConfig | None = None) -> bool:
         """Start a run in a background thread; refuse politely while one is running."""
         if self.running:
-            self.status.value = "<span class='wb-warning'>A run is already in progress: press Stop first.</span>"
+            self.status.value = warning_html("A run is already in progress: press Stop first.")
             return False
         config = config or self.validate()
         if config is None:
@@ -259,7 +260,7 @@ class Workbench(W.VBox):
         try:
             Store(self.store_path).add_error(config, message)
         except WorkbenchError as e:
-            self.error.value += f"<br><span class='wb-error'>{html.escape(str(e))}</span>"
+            self.error.value += "<br>" + error_html(str(e))
 
     # ------------------------------------------------------------------ events (worker thread)
     def _on_event(self, event: Any) -> None:

@@ -12,7 +12,7 @@ from typing import Any
 import ipywidgets as W
 import plotly.graph_objects as go
 
-from widgets.forms import FieldForm
+from widgets.forms import FieldForm, error_html, warning_html
 from widgets.plots import _LAYOUT, persist
 from workbench.errors import WorkbenchError
 from workbench.events import MetricEvent, StageEvent, TrainEvent
@@ -100,12 +100,12 @@ class DistillPanel:
     def start(self) -> bool:
         """Validate and start training in a thread; False (with the reason shown) when it cannot start."""
         if self.thread is not None and self.thread.is_alive():
-            self.status.value = "<span class='wb-warning'>A distillation is already running.</span>"
+            self.status.value = warning_html("A distillation is already running.")
             return False
         try:
             config = self.config()
         except (ValueError, WorkbenchError) as e:
-            self.status.value = f"<span class='wb-error'>{html.escape(str(e))}</span>"
+            self.status.value = error_html(str(e))
             return False
         if self.plot is None:
             self.plot = LossPlot()
@@ -142,10 +142,10 @@ class DistillPanel:
             self.last_result = result
             self._show(result)
         except (WorkbenchError, ValueError) as e:
-            self.status.value = f"<span class='wb-error'>{html.escape(str(e))}</span>"
+            self.status.value = error_html(str(e))
         except Exception as e:  # noqa: BLE001 - the app must survive anything
             logger.exception("distillation failed")
-            self.status.value = f"<span class='wb-error'>unexpected {type(e).__name__}: {html.escape(str(e))}</span>"
+            self.status.value = error_html(f"unexpected {type(e).__name__}: {e}")
         finally:
             self.start_button.disabled, self.stop_button.disabled = False, True
             self.form.set_disabled(False)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import html
 import typing
 from typing import Any
 
@@ -10,6 +11,16 @@ import ipywidgets as W
 
 _STYLE = {"description_width": "150px"}
 _LAYOUT = {"width": "330px"}
+
+
+def error_html(text: str) -> str:
+    """A message shown in red (escaped)."""
+    return f"<span class='wb-error'>{html.escape(text)}</span>"
+
+
+def warning_html(text: str) -> str:
+    """A message shown as a warning (escaped)."""
+    return f"<span class='wb-warning'>{html.escape(text)}</span>"
 
 
 def label(name: str) -> str:

@@ -9,6 +9,7 @@ from typing import Any
 
 import ipywidgets as W
 
+from widgets.forms import error_html
 from widgets.plots import ParetoPlot
 from workbench.analysis import ACCURACY_KEYS, LATENCY_KEYS, MEMORY_KEYS, METRICS, compare, describe, technique_labels
 from workbench.errors import WorkbenchError
@@ -102,7 +103,7 @@ class HistoryPanel:
             self.table.value = summary_table(store.summaries(limit=200))
             self.message.value = ""
         except WorkbenchError as e:
-            self.message.value = f"<span class='wb-error'>{html.escape(str(e))}</span>"
+            self.message.value = error_html(str(e))
             return
         self.pareto.show(self.results, self.selected)
 
@@ -122,7 +123,7 @@ class HistoryPanel:
         try:
             frame = self._store().dataframe()
         except WorkbenchError as e:
-            self.message.value = f"<span class='wb-error'>{html.escape(str(e))}</span>"
+            self.message.value = error_html(str(e))
             return None
         text = frame.to_csv(index=False)
         try:

@@ -10,6 +10,7 @@ from typing import Any
 
 import ipywidgets as W
 
+from widgets.forms import error_html, warning_html
 from widgets.plots import SensitivityPlots
 from workbench.errors import WorkbenchError
 from workbench.events import StageEvent
@@ -47,16 +48,16 @@ class SensitivityPanel:
     def start(self) -> bool:
         """Run the analysis in a background thread."""
         if self.thread is not None and self.thread.is_alive():
-            self.status.value = "<span class='wb-warning'>An analysis is already running.</span>"
+            self.status.value = warning_html("An analysis is already running.")
             return False
         try:
             spec = self.technique()
             model = self.app.model_panel.model()
         except ValueError as e:
-            self.status.value = f"<span class='wb-error'>{html.escape(str(e))}</span>"
+            self.status.value = error_html(str(e))
             return False
         if not spec:
-            self.status.value = "<span class='wb-error'>Enable a technique above or type one here.</span>"
+            self.status.value = error_html("Enable a technique above or type one here.")
             return False
         self.thread = threading.Thread(target=self._work, args=(model, spec), daemon=True, name="workbench-sensitivity")
         self.thread.start()
@@ -75,10 +76,10 @@ class SensitivityPanel:
                 self.show(report)
                 self.status.value = html.escape(f"{len(report.layers)} layers analyzed on {report.eval_tokens} tokens")
         except (WorkbenchError, ValueError) as e:
-            self.status.value = f"<span class='wb-error'>{html.escape(str(e))}</span>"
+            self.status.value = error_html(str(e))
         except Exception as e:  # noqa: BLE001 - the app must survive anything
             logger.exception("sensitivity failed")
-            self.status.value = f"<span class='wb-error'>unexpected {type(e).__name__}: {html.escape(str(e))}</span>"
+            self.status.value = error_html(f"unexpected {type(e).__name__}: {e}")
         finally:
             self.button.disabled = False
 

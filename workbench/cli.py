@@ -76,12 +76,17 @@ def _run_parser(sub: Any) -> None:
     o.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
 
 
+def dataclass_from_args(cls: type, args: argparse.Namespace, **extra: Any) -> Any:
+    """`cls` built from the parsed flags named like its fields (ValueError with one sentence when invalid)."""
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
+    return cls(**{**given, **extra})
+
+
 def _config_from_args(args: argparse.Namespace):  # -> RunConfig
     from workbench.config import RunConfig
     from workbench.techniques import load_all, parse_spec
 
     load_all()
-    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(RunConfig) if hasattr(args, f.name)}
     specs = []
     for kind, spec in getattr(args, "technique_flags", []) or []:
         technique = parse_spec(spec)
@@ -89,7 +94,7 @@ def _config_from_args(args: argparse.Namespace):  # -> RunConfig
             what, flag = ("pruning", "--prune") if technique.kind == "prune" else ("quantization", "--quant")
             raise ValueError(f"{technique.name} is a {what} technique: pass it with {flag}")
         specs.append(spec)
-    return RunConfig(**given, techniques=tuple(specs))
+    return dataclass_from_args(RunConfig, args, techniques=tuple(specs))
 
 
 def _progress_printer(enabled: bool):
@@ -105,8 +110,8 @@ def _progress_printer(enabled: bool):
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from workbench.cli_interrupt import stop_on_ctrl_c
     from workbench.errors import WorkbenchError
-    from workbench.interrupt import stop_on_ctrl_c
     from workbench.report import format_result
     from workbench.runner import run
     from workbench.store import DEFAULT_PATH, Store
@@ -194,9 +199,8 @@ def cmd_results(args: argparse.Namespace) -> int:
 def cmd_build_reference(args: argparse.Namespace) -> int:
     from workbench.reference.build import Recipe, build_reference
 
-    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(Recipe) if hasattr(args, f.name)}
     try:
-        recipe = Recipe(**given)
+        recipe = dataclass_from_args(Recipe, args)
     except ValueError as e:
         return _usage(args.prog, str(e))
     report = build_reference(args.out, recipe, _progress_printer(True))

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import sys
 from collections.abc import Callable
 from typing import Any
 
+from workbench.cli_interrupt import stop_on_ctrl_c
 from workbench.distill import DistillConfig, DistillResult, distill
-from workbench.interrupt import stop_on_ctrl_c
 
 _EPILOG = """\
 student specs (steps joined by '+', applied to a copy of the teacher):
@@ -98,12 +97,11 @@ def format_distill(r: DistillResult) -> str:
 
 def cmd_distill(args: argparse.Namespace) -> int:
     """Validate the flags, distil, print the table (or one JSON object)."""
-    from workbench.cli import EXIT_STOPPED, _fail, _usage
+    from workbench.cli import EXIT_STOPPED, _fail, _usage, dataclass_from_args
     from workbench.errors import WorkbenchError
 
-    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(DistillConfig) if hasattr(args, f.name)}
     try:
-        config = DistillConfig(**given)
+        config = dataclass_from_args(DistillConfig, args)
     except ValueError as e:
         return _usage(args.prog, str(e))
     try:

@@ -7,7 +7,7 @@ import json
 import sys
 from typing import Any
 
-from workbench.interrupt import stop_on_ctrl_c
+from workbench.cli_interrupt import stop_on_ctrl_c
 from workbench.store import Store, config_hash
 from workbench.sweep import SweepEvent, SweepReport, SweepSpec, run_sweep
 

@@ -204,7 +204,7 @@ def _fail(error: BaseException, link: Any, out: Any) -> int:
         link.send({"error": text, "type": type(error).__name__, "secondary": _secondary(error)})
         link.close()
     else:
-        print(f"rank {rank}: error: {text}", file=sys.stderr, flush=True)
+        logger.error("rank %s: error: %s", rank, text)
         if rank == "0":
             out.write(json.dumps({"status": "error", "error": text}) + "\n")
             out.flush()

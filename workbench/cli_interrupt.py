@@ -1,4 +1,4 @@
-"""Ctrl-C for long commands: the first asks the work to stop cleanly, the second aborts."""
+"""Ctrl-C for the long CLI commands (run, sweep, distill): the first asks the work to stop cleanly, the second aborts."""
 
 from __future__ import annotations
 
