@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import mmap
+
 import torch
 
 from workbench.measure.memory import HostPeak, cache_bytes, parameter_count, reset_host_peak, weight_bytes
@@ -51,9 +53,14 @@ def test_host_peak_sees_a_transient_allocation():
         pytest.skip("this kernel does not allow resetting VmHWM")
     with HostPeak() as before:
         pass
+    # A fresh anonymous mapping, every page written: RSS must grow by 64 MiB. (A torch tensor of that size may be
+    # served from heap memory malloc kept resident after earlier tests, which rightly is no new peak.)
+    size = 64 * 1024 * 1024
     with HostPeak() as during:
-        x = torch.ones(64 * 1024 * 1024 // 4)  # 64 MiB, touched
-        del x
+        block = mmap.mmap(-1, size)
+        for offset in range(0, size, mmap.PAGESIZE):
+            block[offset] = 1
+        block.close()
     assert "VmHWM" in during.method
     assert during.peak - before.peak >= 60 * 1024 * 1024
     with HostPeak() as after:  # the mark was reset: the freed 64 MiB does not count again
