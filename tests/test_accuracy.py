@@ -122,3 +122,24 @@ def test_unigram_perplexity_by_hand():
     # add-one counts: token0 4, token1 2, token2 1 -> probabilities 4/7, 2/7, 1/7
     expected = math.exp(-(math.log(4 / 7) + math.log(2 / 7)) / 2)
     assert unigram_perplexity(train, heldout, 3) == pytest.approx(expected)
+
+
+def test_decode_consistency_accepts_real_greedy_decoding_and_rejects_wrong_tokens(tiny):
+    model, cpu = tiny.model, torch.device("cpu")
+    prompt = [5, 17, 42, 99, 7]
+    ids = torch.tensor([prompt])
+    with torch.inference_mode():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=12,
+                             min_new_tokens=12, do_sample=False, pad_token_id=0)
+    greedy = out[0, len(prompt):].tolist()
+    assert acc.decode_consistency(model.forward, prompt, greedy, cpu) == 1.0
+    # the least likely token at each step, as a broken one-token kernel might produce
+    text, worst = list(prompt), []
+    with torch.inference_mode():
+        for _ in range(12):
+            worst.append(int(model(input_ids=torch.tensor([text])).logits[0, -1].argmin()))
+            text.append(worst[-1])
+    assert acc.decode_consistency(model.forward, prompt, worst, cpu) == 0.0
+    half = greedy[:6] + worst[6:]  # right until step 6, then wrong: the check reads each step in its context
+    assert 0.4 <= acc.decode_consistency(model.forward, prompt, half, cpu) <= 0.6
+    assert acc.decode_consistency(model.forward, prompt, [], cpu) is None

@@ -129,3 +129,33 @@ def test_preset_has_random_weights_and_no_accuracy(fast):
     assert any("random weights" in w for w in r.warnings)
     assert any(isinstance(e, WarningEvent) and "random weights" in e.message for e in events)
     assert "<" in r.output_text or r.output_text  # ids past the borrowed tokenizer show as <id>
+
+
+def test_a_broken_one_token_decode_path_is_flagged(fast, monkeypatch):
+    """A kernel that is wrong only for one-token steps (as a miscompiled decode can be) gets a warning."""
+    import workbench.runner as runner
+
+    class BrokenDecode(runner.Generator):
+        def __init__(self, model, *args, **kwargs):
+            forward = model.forward
+
+            def one_token_wrong(*a, **k):
+                out = forward(*a, **k)
+                if k["input_ids"].shape[1] == 1:
+                    out.logits = -out.logits  # the least likely token wins
+                return out
+
+            model.forward = one_token_wrong
+            super().__init__(model, *args, **kwargs)
+
+    monkeypatch.setattr(runner, "Generator", BrokenDecode)
+    events = []
+    r = run(fast(max_new_tokens=8, eval_tokens=0), events.append)
+    # only the first token, which comes from the (sound) multi-token prefill, is right: 1 of 8
+    assert any(w.startswith("decode looks wrong: only 12% of the generated tokens") for w in r.warnings), r.warnings
+    assert any(isinstance(e, WarningEvent) and "decode looks wrong" in e.message for e in events)
+
+
+def test_a_sound_decode_path_gets_no_decode_warning(full_run):
+    result, _ = full_run
+    assert not any("decode looks wrong" in w for w in result.warnings)

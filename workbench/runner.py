@@ -20,7 +20,14 @@ from workbench.execution import resolve_device, set_interop_threads, threads
 from workbench.generation import Generation, Generator
 from workbench.measure import baseline as baseline_cache
 from workbench.measure import env as envinfo
-from workbench.measure.accuracy import Baseline, EvalWindows, evaluate, greedy_match, make_windows
+from workbench.measure.accuracy import (
+    Baseline,
+    EvalWindows,
+    decode_consistency,
+    evaluate,
+    greedy_match,
+    make_windows,
+)
 from workbench.measure.latency import decode_tokens_per_s, latency_warnings, summarize
 from workbench.measure.memory import (GpuPeak, HostPeak, available_bytes, host_rss, memory_stats, parameter_count,
                                      weight_bytes)
@@ -35,6 +42,14 @@ from workbench.techniques import apply_techniques, check_combination
 from workbench.textio import build_prompts, heldout_ids
 
 logger = logging.getLogger(__name__)
+# Below this share of decoded tokens in the top 10 of one forward over the same text, the decode path is wrong.
+DECODE_CONSISTENCY_MIN = 0.5
+DECODE_WRONG = "decode looks wrong"
+
+
+def decode_looks_wrong(result: RunResult) -> bool:
+    """True when the run's decoded tokens disagreed with its own forward pass (its speed is of wrong output)."""
+    return any(w.startswith(DECODE_WRONG) for w in result.warnings)
 
 
 def _is_oom(error: BaseException) -> bool:
@@ -65,6 +80,7 @@ class _Run:
         self.techniques: tuple[TechniqueRecord, ...] = ()
         self.samples: list[RepeatTiming] = []
         self.first: Generation | None = None  # the first complete generate call (outputs, greedy match)
+        self.reference_forward: Callable[..., Any] | None = None  # the model's uncompiled forward (decode check)
         self.cold_start_s: float | None = None
         self.kv_bytes: int | None = None
         self.busy: float | None = None
@@ -170,6 +186,7 @@ class _Run:
         if cfg.device_map:
             memory = parse_max_memory(cfg.max_memory) if cfg.max_memory else None
             model, self.placement = place(model, parse_device_map(cfg.device_map), self.device, memory)
+        self.reference_forward = model.forward  # uncompiled: what the decode path must agree with
         if cfg.compile:
             from workbench.paths import compile_cache
 
@@ -238,6 +255,7 @@ class _Run:
         self.stage("measure", "end")
 
     def evaluate(self) -> None:
+        self.check_decode()
         if not self.want_accuracy or self.windows is None:
             return
         self.stage("evaluate", "start", f"{self.windows.scored_tokens} held-out tokens")
@@ -247,6 +265,17 @@ class _Run:
             self.accuracy = AccuracyStats(**{**acc.__dict__, "greedy_match_vs_baseline": match})
             self.on_event(MetricEvent("accuracy", self.accuracy))
         self.stage("evaluate", "end")
+
+    def check_decode(self) -> None:
+        """Warn when the tokens decoded one at a time disagree with one uncompiled forward over the same text."""
+        if self.reference_forward is None or self.first is None or not self.first.rows or not self.first.rows[0]:
+            return
+        share = decode_consistency(self.reference_forward, self.prompt_ids[0], self.first.rows[0], self.device)
+        if share is not None and share < DECODE_CONSISTENCY_MIN:
+            self.warn(f"{DECODE_WRONG}: only {share:.0%} of the generated tokens are among the top 10 of one "
+                      "uncompiled forward pass over the same text, so the speed measured is that of wrong output "
+                      "(a miscompiled or broken kernel on the one-token path); do not trust this configuration",
+                      "accuracy")
 
     # ------------------------------------------------------------------ assembly
     def finish_metrics(self) -> None:
@@ -288,7 +317,7 @@ class _Run:
         """Drop the model and give memory back (also after errors)."""
         import shutil
 
-        self.loaded = self.generator = None
+        self.loaded = self.generator = self.reference_forward = None
         if self.placement and self.placement.offload_dir:
             shutil.rmtree(self.placement.offload_dir, ignore_errors=True)
         gc.collect()

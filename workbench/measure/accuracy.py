@@ -177,6 +177,25 @@ def greedy_match(tokens: list[int], baseline_tokens: list[int]) -> float:
     return same / len(baseline_tokens)
 
 
+def decode_consistency(forward: Callable[..., Any], prompt: list[int], generated: list[int], device: torch.device,
+                       top_k: int = 10) -> float | None:
+    """Share of the generated tokens that are in the top `top_k` of one forward pass over the same text.
+
+    Decoding a token at a time (KV cache, compiled or fused kernels) must compute what one forward over the
+    whole text computes. A low share means the decode path is wrong — a miscompiled kernel, a broken cache —
+    and its speed is the speed of wrong output. Top-k rather than argmax: kernels for one token and for many
+    round differently, which can flip near-ties (random-weight models are full of them).
+    """
+    if not generated:
+        return None
+    ids = torch.tensor([list(prompt) + list(generated[:-1])], dtype=torch.long, device=device)
+    with torch.inference_mode():
+        logits = forward(input_ids=ids, use_cache=False).logits[0, len(prompt) - 1:]
+    top = logits.float().topk(min(top_k, logits.shape[-1]), dim=-1).indices  # (n, k)
+    target = torch.tensor(generated, dtype=torch.long, device=top.device)[:, None]
+    return (top == target).any(dim=-1).float().mean().item()
+
+
 def unigram_perplexity(train_ids: list[int], eval_ids: list[int], vocab: int) -> float:
     """Perplexity of an add-one-smoothed unigram model fitted on train_ids, on eval_ids."""
     counts = torch.bincount(torch.tensor(train_ids), minlength=vocab).double() + 1.0
