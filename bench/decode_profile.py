@@ -17,6 +17,7 @@ approximate; the step time (and tokens/s) is measured without it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -49,30 +50,26 @@ def is_matmul(name: str) -> bool:
     return "scaled_dot_product" not in low and any(k in low for k in MATMUL_OPS)
 
 
-def _decode(model: torch.nn.Module, prompt: torch.Tensor, steps: int) -> float:
-    """Seconds per decode step of a plain greedy loop (prefill not counted)."""
+def _steps(model: torch.nn.Module, prompt: torch.Tensor, steps: int, around: Any = None) -> float:
+    """Prefill, then `steps` greedy one-token forwards (inside the context `around`, if given); their seconds."""
     from transformers import DynamicCache
 
     with torch.inference_mode():
         cache = DynamicCache(config=model.config)
         tok = model(input_ids=prompt, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            tok = model(input_ids=tok, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
-        return (time.perf_counter() - t0) / steps
+        with around or contextlib.nullcontext():
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                tok = model(input_ids=tok, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+            return time.perf_counter() - t0
 
 
 def _op_times(model: torch.nn.Module, prompt: torch.Tensor, steps: int) -> tuple[float, float]:
     """(matmul, other) self CPU seconds per decode step, from the profiler."""
     from torch.profiler import ProfilerActivity, profile
-    from transformers import DynamicCache
 
-    with torch.inference_mode():
-        cache = DynamicCache(config=model.config)
-        tok = model(input_ids=prompt, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            for _ in range(steps):
-                tok = model(input_ids=tok, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+    prof = profile(activities=[ProfilerActivity.CPU])
+    _steps(model, prompt, steps, around=prof)
     matmul = other = 0.0
     for e in prof.key_averages():
         if is_matmul(e.key):
@@ -90,8 +87,8 @@ def profile_config(model_spec: str, config: str, steps: int, rounds: int) -> dic
                      no_event)
     model = loaded.model.eval()
     prompt = torch.tensor([[11, 12, 13, 14, 15, 16]])
-    _decode(model, prompt, 4)  # warm up
-    step = statistics.median(_decode(model, prompt, steps) for _ in range(rounds))
+    _steps(model, prompt, 4)  # warm up
+    step = statistics.median(_steps(model, prompt, steps) / steps for _ in range(rounds))
     matmul, other = _op_times(model, prompt, steps)
     python = max(0.0, step - matmul - other)
     row = {"config": config, "tokens_per_s": 1 / step, "step_ms": 1e3 * step, "matmul_ms": 1e3 * matmul,

@@ -20,14 +20,8 @@ from workbench.execution import resolve_device, set_interop_threads, threads
 from workbench.generation import Generation, Generator
 from workbench.measure import baseline as baseline_cache
 from workbench.measure import env as envinfo
-from workbench.measure.accuracy import (
-    Baseline,
-    EvalWindows,
-    decode_consistency,
-    evaluate,
-    greedy_match,
-    make_windows,
-)
+from workbench.measure.accuracy import (Baseline, EvalWindows, decode_consistency, evaluate, greedy_match,
+                                        make_windows)
 from workbench.measure.latency import decode_tokens_per_s, latency_warnings, summarize
 from workbench.measure.memory import (GpuPeak, HostPeak, available_bytes, host_rss, memory_stats, parameter_count,
                                      weight_bytes)
