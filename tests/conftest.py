@@ -14,6 +14,9 @@ os.environ["WORKBENCH_CACHE_DIR"] = str(_SESSION_TMP / "cache")
 os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(_SESSION_TMP / "inductor")
 os.environ["HF_HOME"] = str(_SESSION_TMP / "hf")
 os.environ["HF_HUB_OFFLINE"] = "1"
+# The default results store (and the data folder it lives in) never the user's own.
+os.environ["XDG_DATA_HOME"] = str(_SESSION_TMP / "data")
+os.environ["WORKBENCH_STORE"] = str(_SESSION_TMP / "results.sqlite")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ["TMPDIR"] = str(_SESSION_TMP / "tmp")  # torchrun's ranks and their logs, compile workers
 (_SESSION_TMP / "tmp").mkdir()

@@ -63,7 +63,7 @@ def test_bad_choice(capsys):
 
 
 @pytest.mark.parametrize("args, fragment", [
-    (["--max-new-tokens", "0"], "max_new_tokens must be in 1.."),
+    (["--max-new-tokens", "0"], "--max-new-tokens must be in 1.."),
     (["--prompt", ""], "prompt is empty"),
     (["--model", "preset:gpt5"], "unknown preset"),
     (["--quant", "magnitude"], "pass it with --prune"),
@@ -123,14 +123,40 @@ def test_remote_code_is_refused_unless_opted_in(capsys, tmp_path):
     assert "--trust-remote-code" in failing_run(capsys, tmp_path, "--model", str(folder))
 
 
-def test_batch_too_large_is_refused_by_estimate(capsys, tmp_path):
-    line = failing_run(capsys, tmp_path, "--model", "preset:llama-3.2-1b", "--batch-size", "4096",
+def refused_run(capsys, tmp_path, monkeypatch, *args: str) -> str:
+    """A run refused before loading: exit 2, one sentence, no weights read, no store created."""
+    import workbench.runner
+
+    monkeypatch.setattr(workbench.runner, "load_model", lambda *a, **k: pytest.fail("weights were loaded"))
+    store = tmp_path / "r.sqlite"
+    assert main(["run", *args, *FAST, "--store", str(store)]) == 2
+    assert not store.exists()
+    return one_sentence(capsys.readouterr().err)
+
+
+def test_batch_too_large_is_refused_by_estimate(capsys, tmp_path, monkeypatch):
+    line = refused_run(capsys, tmp_path, monkeypatch, "--model", "preset:llama-3.2-1b", "--batch-size", "4096",
                        "--prompt-tokens", "16000")
     assert "needs about" in line and "GiB" in line and "lower --batch-size" in line
 
 
-def test_prompt_longer_than_the_context(capsys, tmp_path):
-    assert "exceeds the model's context" in failing_run(capsys, tmp_path, "--prompt-tokens", "5000")
+def test_a_batch_whose_logits_do_not_fit_is_refused_with_the_numbers(capsys, tmp_path, monkeypatch):
+    """llama-124m at batch 4096: the KV cache, activations and the last position's fp32 logits (2.3 GiB) are
+    counted; with 6 GiB free it is refused before loading (without the logits it would fit), every term said."""
+    import workbench.runner
+
+    monkeypatch.setattr(workbench.runner, "available_bytes", lambda device: 6 << 30)
+    line = refused_run(capsys, tmp_path, monkeypatch, "--model", "preset:llama-124m", "--batch-size", "4096",
+                       "--prompt", "The for statement is used to")
+    assert "workbench run: error: this run needs about 7.0 GiB" in line and "but only 6.0 GiB is free" in line
+    for term in ("weights 0.5 GiB", "KV cache ", "GiB for batch 4096 x ", "activations ",
+                 "logits 2.3 GiB for batch 4096 x vocabulary 50257 in fp32", "lower --batch-size"):
+        assert term in line, term
+
+
+def test_prompt_longer_than_the_context(capsys, tmp_path, monkeypatch):
+    line = refused_run(capsys, tmp_path, monkeypatch, "--prompt-tokens", "5000")
+    assert "exceeds the model's context" in line and "--max-new-tokens (4)" in line
 
 
 def test_models_lists_reference_and_presets(capsys):
@@ -163,3 +189,112 @@ def test_results_on_a_corrupt_store(capsys, tmp_path):
     assert main(["results", "--store", str(bad)]) == 1
     assert "left untouched" in one_sentence(capsys.readouterr().err)
     assert bad.read_bytes() == b"garbage" * 1000
+
+
+def test_results_names_the_store_and_listing_creates_none(capsys, tmp_path):
+    store = tmp_path / "r.sqlite"
+    for args in ([], ["--json"], ["--csv"]):
+        assert main(["results", "--store", str(store), *args]) == 0
+    out = capsys.readouterr().out
+    assert f"no runs yet in {store}" in out and "[]" in out
+    assert main(["results", "--store", str(store), "--show", "1"]) == 1
+    assert f"no run 1 in '{store}': no runs yet" in one_sentence(capsys.readouterr().err)
+    assert not store.exists()  # listing never creates a store
+
+
+def test_every_entry_point_shares_one_default_store(capsys, tmp_path, monkeypatch):
+    """No --store: `run` in one folder and `results` in another meet in the user's data folder, which both name."""
+    from widgets import Workbench
+    from workbench.dashboard import DashboardConfig, environment
+
+    monkeypatch.delenv("WORKBENCH_STORE")
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+    default = tmp_path / "data" / "workbench" / "results.sqlite"
+    (tmp_path / "here").mkdir()
+    (tmp_path / "there").mkdir()
+    monkeypatch.chdir(tmp_path / "there")
+    assert main(["results"]) == 0
+    assert f"no runs yet in {default}" in capsys.readouterr().out and not default.parent.exists()
+    monkeypatch.chdir(tmp_path / "here")
+    assert main(["run", "--model", "tiny", *FAST]) == 0
+    assert f"stored as run 1 in {default}" in capsys.readouterr().err
+    monkeypatch.chdir(tmp_path / "there")
+    assert main(["results"]) == 0
+    out = capsys.readouterr().out
+    assert f"runs in {default} (newest first)" in out and "tiny" in out
+    assert list((tmp_path / "here").iterdir()) == [] and list((tmp_path / "there").iterdir()) == []
+    assert Workbench(runner=lambda *a, **k: None).store_path == str(default)  # the app, hence the dashboard
+    assert "WORKBENCH_STORE" not in environment(DashboardConfig(), {})  # its kernels find the same default
+    monkeypatch.setenv("WORKBENCH_STORE", str(tmp_path / "elsewhere.sqlite"))  # the override, for every one
+    assert main(["results"]) == 0
+    assert f"no runs yet in {tmp_path / 'elsewhere.sqlite'}" in capsys.readouterr().out
+    assert Workbench(runner=lambda *a, **k: None).store_path == str(tmp_path / "elsewhere.sqlite")
+
+
+def test_no_flag_help_describes_what_turning_it_off_does(capsys):
+    """`--no-token-events` once said "Emit an event per generated token", the opposite of what it does."""
+    from workbench.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["run", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "--no-token-events Emit no per-token events" in help_text
+    assert "--no-token-events Emit an event" not in help_text
+
+
+def test_error_messages_name_the_flags_the_user_typed(capsys, tmp_path):
+    from workbench.cli import flags_in
+    from workbench.config import RunConfig
+
+    assert main(["run", "--prompt", "hi", "--prompt-tokens", "3", "--store", str(tmp_path / "r.sqlite")]) == 2
+    assert one_sentence(capsys.readouterr().err).endswith("error: give either --prompt or --prompt-tokens, not both")
+    assert main(["run", "--compile", "--store", str(tmp_path / "r.sqlite")]) == 2
+    assert "--compile needs --kv-cache=static" in one_sentence(capsys.readouterr().err)
+    assert flags_in("max_new_tokens must be in 1..; got 0", RunConfig) == "--max-new-tokens must be in 1..; got 0"
+    assert flags_in("model must be 'tiny'; the model's context", RunConfig) == "--model must be 'tiny'; the model's " \
+                                                                               "context"
+
+
+def test_results_help_has_a_description(capsys):
+    with pytest.raises(SystemExit):
+        main(["results", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "List the runs in the results store" in out and "never creates a store" in out
+
+
+def test_the_command_line_says_perplexity_as_the_app_does(capsys, tmp_path):
+    from types import SimpleNamespace
+
+    from workbench.distill_cli import progress_line
+    from workbench.report import format_summaries
+
+    row = dict(id=1, created_at="2026-01-01T00:00:00", status="ok", model="tiny", dtype="fp32", techniques="",
+               decode_tokens_per_s=1.0, ttft_ms_p50=1.0, weights_bytes=1, perplexity=22.3, kl_vs_baseline=None,
+               error=None)
+    header = format_summaries([row]).splitlines()[0]
+    assert "perplexity" in header and "ppl" not in header
+    event = SimpleNamespace(step=1, steps=2, loss=3.0, kl=None, heldout_loss=3.0, tokens_per_s=10.0)
+    assert "held-out perplexity" in progress_line(event, 3.0) and "ppl" not in progress_line(event, 3.0)
+
+
+def test_progress_lines_show_each_stage_and_its_first_progress(capsys):
+    """The warm-up of a big batch narrates itself on stderr: its first progress line at once, then every 5 s."""
+    from workbench.cli import _progress_printer
+    from workbench.events import StageEvent
+
+    printer = _progress_printer(True)
+    for elapsed, state, message in ((0.0, "start", "1 untimed run(s)"), (40.0, "progress", "64/8,192 tokens, 40 s"),
+                                    (41.0, "progress", "128/8,192 tokens, 41 s"),
+                                    (46.0, "progress", "256/8,192 tokens, 46 s")):
+        printer(StageEvent("warmup", state, message, None, elapsed))
+    err = capsys.readouterr().err
+    assert "warmup: 1 untimed run(s)" in err and "warmup: 64/8,192 tokens" in err and "warmup: 256/8,192" in err
+    assert "128/8,192" not in err  # 1 s after the last line: not printed
+
+
+def test_more_threads_than_cores_is_a_warning_in_the_printed_result(capsys, tmp_path, monkeypatch):
+    import workbench.runner
+
+    monkeypatch.setattr(workbench.runner, "usable_cores", lambda: 1)
+    assert main(["run", "--model", "tiny", *FAST, "--threads", "2", "--store", str(tmp_path / "r.sqlite")]) == 0
+    assert "warning: threads 2 is more than the 1 CPU cores this process may use" in capsys.readouterr().out

@@ -5,6 +5,7 @@ Screenshots and timings land in test-artifacts/ (or $WORKBENCH_ARTIFACTS).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -14,6 +15,7 @@ from urllib.parse import urlparse
 
 import psutil
 import pytest
+from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
 from tools.browser import browser, chromium_path, free_port, server, widget_button
 from workbench.config import RunConfig
@@ -34,6 +36,22 @@ POINTS_JS = """(title) => {
 }"""
 
 BARS_JS = POINTS_JS.replace("'.scatterlayer .trace path.point'", "'.barlayer .trace .point'")
+FULL_WIDTH_JS = """() => {
+  const plots = [...document.querySelectorAll('.js-plotly-plot')];
+  return plots.length >= 2 && plots.every(p => {
+    const svg = p.querySelector('svg.main-svg');
+    return svg && svg.getBoundingClientRect().width >= 0.97 * p.getBoundingClientRect().width;
+  });
+}"""
+HISTORY_JS = """() => {
+  const plot = [...document.querySelectorAll('.js-plotly-plot')].find(
+    p => [...p.querySelectorAll('.gtitle')].some(t => t.textContent.startsWith('History')));
+  const title = plot ? plot.querySelector('.gtitle').textContent : '';
+  const runs = plot ? plot.querySelectorAll('.scatterlayer .trace:first-child path.point').length : -1;
+  const table = [...document.querySelectorAll('table.wb-table')].find(
+    t => [...t.querySelectorAll('th')].some(h => h.textContent === 'when (UTC)'));
+  return {title, runs, rows: table ? table.querySelectorAll('tbody tr').length : -1};
+}"""
 
 
 def record(name: str, **values: object) -> None:
@@ -57,8 +75,9 @@ def dashboard(tmp_path_factory):
     config = DashboardConfig(port=free_port(), store=str(store), cull_idle_s=600)
     env = {k: v for k, v in environment(config, DEFAULTS).items() if k.startswith("WORKBENCH_")}
     url = f"http://127.0.0.1:{config.port}/"
-    with server(voila_command(config, notebook_path()), url, root, home=root / "home", log=root / "voila.log",
-                env=env, timeout=120) as proc:
+    # wait on a static URL: a request for the notebook itself would start a kernel nobody uses
+    with server(voila_command(config, notebook_path()), url + "voila/static/", root, home=root / "home",
+                log=root / "voila.log", env=env, timeout=120) as proc:
         yield {"url": url, "proc": proc, "root": root, "store": store}
 
 
@@ -71,17 +90,24 @@ def chromium():
 class Page:
     """A dashboard page in a fresh browser context that blocks every non-local request."""
 
-    def __init__(self, chromium, url: str) -> None:
+    def __init__(self, chromium, url: str, wait: bool = True) -> None:
         self.blocked: list[str] = []
         self.errors: list[str] = []
+        self.console: list[str] = []
         self.context = chromium.new_context(viewport={"width": 1500, "height": 2400})
         self.context.route("**/*", self._route)
         self.page = self.context.new_page()
         self.page.on("pageerror", lambda e: self.errors.append(str(e)))
-        t0 = time.perf_counter()
-        self.page.goto(url, timeout=180_000)
-        widget_button(self.page, "Run").wait_for(timeout=180_000)
-        self.cold_start_s = time.perf_counter() - t0
+        self.page.on("console", lambda m: self.console.append(f"{m.type}: {m.text}"))
+        self.t0 = time.perf_counter()
+        self.page.goto(url, timeout=180_000, wait_until="load" if wait else "commit")
+        if wait:
+            self.wait_ready()
+
+    def wait_ready(self) -> None:
+        """Wait for the app's Run button (the kernel ran the notebook and the widgets rendered)."""
+        widget_button(self.page, "Run").wait_for(timeout=240_000)
+        self.cold_start_s = time.perf_counter() - self.t0
 
     def _route(self, route) -> None:
         host = urlparse(route.request.url).hostname or ""
@@ -106,7 +132,19 @@ class Page:
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
         self.page.screenshot(path=str(ARTIFACTS / name), full_page=True)
 
+    def kernel_id(self) -> str:
+        """The id of the kernel Voila started for this page."""
+        return self.page.evaluate("() => JSON.parse(document.getElementById('jupyter-config-data').textContent)"
+                                  ".kernelId")
+
+    def leave(self) -> None:
+        """Close the tab as a person does: its beforeunload asks Voila to shut the page's kernel down."""
+        with contextlib.suppress(Exception):
+            self.page.close(run_before_unload=True)
+            self.page.wait_for_event("close", timeout=10_000)
+
     def close(self) -> None:
+        self.leave()
         self.context.close()
 
 
@@ -123,6 +161,10 @@ def test_page_renders_offline_with_the_history_drawn(page):
     # plotly #4998: figures filled before the page connected (the history from the store) keep their data
     page.page.wait_for_function(f"({POINTS_JS})('History:') >= 2", timeout=30_000)
     assert not [u for u in page.blocked if "plotly" in u or "widget" in u]  # nothing the app needs is remote
+    # before a run the live plots say so (no meaningless axes); every figure is as wide as its place
+    page.page.wait_for_function("document.querySelectorAll('.annotation-text').length > 0", timeout=30_000)
+    assert page.page.locator(".annotation-text", has_text="no run yet").count() == 4
+    page.page.wait_for_function(FULL_WIDTH_JS, timeout=30_000)
     page.screenshot("dashboard-loaded.png")
     record("cold_start", seconds=round(page.cold_start_s, 2), blocked_requests=sorted(set(page.blocked)))
 
@@ -251,3 +293,78 @@ def test_two_users_at_once_each_see_only_their_own_run(dashboard, chromium):
     finally:
         for page in users.values():
             page.close()
+
+
+@pytest.fixture
+def empty_dashboard(tmp_path):
+    """A Voila dashboard of its own whose results store does not exist yet."""
+    store = tmp_path / "runs.sqlite"
+    config = DashboardConfig(port=free_port(), store=str(store), cull_idle_s=600)
+    env = {k: v for k, v in environment(config, DEFAULTS).items() if k.startswith("WORKBENCH_")}
+    url = f"http://127.0.0.1:{config.port}/"
+    with server(voila_command(config, notebook_path()), url + "voila/static/", tmp_path, home=tmp_path / "home",
+                log=tmp_path / "voila.log", env=env, timeout=120) as proc:
+        yield {"url": url, "proc": proc, "root": tmp_path, "store": store, "log": tmp_path / "voila.log"}
+
+
+def drawn(page: Page, tokens: int) -> dict[str, object]:
+    """What the page drew once it settled: live-plot markers, History plot runs and title, table rows, errors."""
+    with contextlib.suppress(PlaywrightTimeout):
+        page.page.wait_for_function(f"({POINTS_JS})('Per-token latency') === {2 * tokens}", timeout=60_000)
+        page.page.wait_for_function(f"(h => h.runs === h.rows)(({HISTORY_JS})())", timeout=30_000)
+    history = page.page.evaluate(HISTORY_JS)
+    title = re.match(r"History: \d+ runs?", history["title"])
+    return {"points": page.points("Per-token latency"), "history_runs": history["runs"],
+            "title": title and title.group(0).rstrip("s"), "table_rows": history["rows"], "errors": page.errors,
+            "failed_models": sum("Failed to initialize model" in m for m in page.console + page.errors)}
+
+
+def test_four_pages_at_once_each_plot_their_own_run(empty_dashboard, chromium):
+    """Four visitors open the dashboard together and press Run together (2 cores, 4 kernels, 4 pages).
+
+    anywidget 0.11 gives a model 2 s to import its front-end module and initialize; past that it drops
+    every message to the model for good ("[anywidget] Failed to initialize model."): the plots stayed as
+    the page first drew them. Each page's live plot must get its points and its History plot its runs.
+    """
+    pages = [Page(chromium, empty_dashboard["url"], wait=False) for _ in range(4)]
+    try:
+        for page in pages:
+            page.wait_ready()
+        loaded = time.perf_counter()
+        for page in pages:
+            widget_button(page.page, "Run").click()
+        for page in pages:
+            page.page.get_by_text(re.compile(r"done: run \d+")).wait_for(timeout=400_000)
+        ran = time.perf_counter()
+        stored = Store(empty_dashboard["store"]).results(status=None)
+        assert sorted(r.run_id for r in stored) == [1, 2, 3, 4] and {r.status for r in stored} == {"ok"}
+        tokens = DEFAULTS["max_new_tokens"]
+        seen = [drawn(page, tokens) for page in pages]
+        want = [{"points": 2 * tokens, "history_runs": s["table_rows"], "title": f"History: {s['table_rows']} run",
+                 "table_rows": s["table_rows"], "errors": [], "failed_models": 0} for s in seen]
+        assert seen == want, seen
+        assert all(s["table_rows"] >= finished_runs(p) for s, p in zip(seen, pages))
+        pages[0].screenshot("dashboard-four-pages.png")
+        record("four_pages", load_s=[round(p.cold_start_s, 1) for p in pages],
+               all_loaded_to_all_done_s=round(ran - loaded, 1))
+    finally:
+        for page in pages:
+            page.close()
+
+
+def test_closing_a_page_shuts_its_kernel_down(dashboard, chromium):
+    """Voila's page-close request carries the page's _xsrf cookie: accepted (was 403 "'_xsrf' argument missing
+    from POST" on every page, the kernel left running until culled)."""
+    log = dashboard["root"] / "voila.log"
+    page = Page(chromium, dashboard["url"])
+    try:
+        kernel = page.kernel_id()
+        assert "_xsrf" in [c["name"] for c in page.context.cookies()]
+        page.leave()  # the browser context stays open while Voila gets the request
+        deadline = time.monotonic() + 60
+        while f"Kernel shutdown: {kernel}" not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        text = log.read_text()
+        assert f"Kernel shutdown: {kernel}" in text and "_xsrf" not in text
+    finally:
+        page.close()

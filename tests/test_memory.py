@@ -66,3 +66,43 @@ def test_host_peak_sees_a_transient_allocation():
     with HostPeak() as after:  # the mark was reset: the freed 64 MiB does not count again
         pass
     assert after.peak < during.peak - 32 * 1024 * 1024
+
+
+def test_run_estimate_counts_the_batch_kv_cache_activations_and_logits():
+    """batch 4096 on a GPT-2-sized vocabulary: the last position's logits alone are 3 x 4096 x 50257 x 4 bytes."""
+    from types import SimpleNamespace
+
+    from workbench.measure.memory import estimate_run
+
+    text = SimpleNamespace(hidden_size=768, intermediate_size=2048, num_attention_heads=12, vocab_size=50257)
+    est = estimate_run(text, params=123_551_232, dtype_bytes=4, kv_per_token=73_728, batch=4096, prompt_tokens=7,
+                       new_tokens=32, eval_batch_tokens=2048, eager=True)
+    assert est.weights == 123_551_232 * 4
+    assert est.kv_cache == 73_728 * 4096 * 39
+    assert est.logits == 3 * 4096 * 50257 * 4
+    assert est.activations == 4096 * 39 * 3072 * 4 * 3 + 4096 * 12 * 7 * 7 * 4
+    sdpa = estimate_run(text, params=123_551_232, dtype_bytes=4, kv_per_token=73_728, batch=4096, prompt_tokens=7,
+                        new_tokens=32, eval_batch_tokens=2048)
+    assert sdpa.activations == 4096 * 39 * 3072 * 4 * 3  # fused attention keeps no (B, H, T, T) scores
+    assert est.total == est.weights + est.kv_cache + est.activations + est.logits  # generation outweighs evaluation
+    small = estimate_run(text, params=1000, dtype_bytes=2, kv_per_token=10, batch=1, prompt_tokens=4, new_tokens=4,
+                         eval_batch_tokens=2048)
+    assert small.total == 2000 + small.evaluation  # evaluation (after generation) is the peak of a tiny batch
+
+
+def test_check_fits_refuses_with_every_number():
+    from types import SimpleNamespace
+
+    import pytest
+
+    from workbench.errors import InsufficientMemory
+    from workbench.measure.memory import check_fits, estimate_run
+
+    text = SimpleNamespace(hidden_size=768, intermediate_size=2048, num_attention_heads=12, vocab_size=50257)
+    est = estimate_run(text, params=123_551_232, dtype_bytes=4, kv_per_token=73_728, batch=4096, prompt_tokens=7,
+                       new_tokens=32, eval_batch_tokens=0)
+    check_fits(est, int(est.total / 0.9) + 1, "this machine")  # fits: no error
+    with pytest.raises(InsufficientMemory, match=r"needs about 19\.2 GiB on this machine \(weights 0\.5 GiB, KV cache "
+                       r"11\.0 GiB for batch 4096 x 39 tokens, activations 5\.5 GiB, logits 2\.3 GiB for batch 4096 x "
+                       r"vocabulary 50257 in fp32, .*\) but only 16\.0 GiB is free; lower --batch-size"):
+        check_fits(est, 16 << 30, "this machine")

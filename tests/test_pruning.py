@@ -297,12 +297,49 @@ def test_structured_uneven_heads_warns_about_saving(model, tiny):
         assert any("save_pretrained would refuse" in n for n in notes)
 
 
-def test_structured_refuses_gpt2_in_one_sentence(tiny):
+def test_structured_refuses_gpt2_heads_in_one_sentence(tiny):
     model = random_model("gpt2", tiny.model.config.vocab_size)
     with pytest.raises(ConfigError) as err:
         apply("structured:heads_ratio=0.5", model, tiny.tokenizer)
     text = str(err.value)
-    assert "Llama family" in text and "'gpt2'" in text and "\n" not in text and text.count(". ") == 0
+    assert "MLP channels only" in text and "heads_ratio=0" in text and "\n" not in text and text.count(". ") == 0
+    phi = random_model("llama", tiny.model.config.vocab_size)
+    phi.config.model_type = "phi3"  # any layout structured does not know
+    with pytest.raises(ConfigError, match="supports the Llama family .* not 'phi3'"):
+        apply("structured:heads_ratio=0.5", phi, tiny.tokenizer)
+
+
+def test_structured_cuts_gpt2_mlp_channels_exactly_and_round_trips(tiny, tmp_path):
+    """GPT-2's Conv1D projections (weights (in, out)): c_fc loses output columns, c_proj input rows (issue 12)."""
+    from transformers import AutoModelForCausalLM
+
+    model = random_model("gpt2", tiny.model.config.vocab_size)  # n_embd 64, 2 blocks, n_inner 4 * 64
+    before = parameter_count(model)
+    pruned, notes = apply(f"structured:heads_ratio=0,mlp_ratio=0.25,{CAL}", model, tiny.tokenizer)
+    removed = round(0.25 * 256)
+    assert before - parameter_count(pruned) == 2 * removed * (2 * 64 + 1)  # c_fc weight + bias, c_proj weight
+    assert pruned.config.n_inner == 256 - removed
+    assert all(b.mlp.c_fc.weight.shape == (64, 192) and b.mlp.c_proj.weight.shape == (192, 64)
+               for b in pruned.transformer.h)
+    assert f"removed {removed} of 256 MLP channels per block" in notes[0]
+    assert generate8(pruned, tiny.tokenizer).numel() == 8
+    pruned.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    ids = torch.tensor([[5, 17, 300, 42, 9]])
+    assert torch.allclose(logits(reloaded, ids), logits(pruned, ids), atol=1e-5)
+
+
+def test_structured_gpt2_drops_the_least_important_channels(tiny):
+    """A channel whose c_proj row is zero adds nothing to the output: it is the first to go."""
+    model = random_model("gpt2", tiny.model.config.vocab_size)
+    with torch.no_grad():
+        for block in model.transformer.h:
+            block.mlp.c_proj.weight[7].zero_()  # channel 7 of every block: (inter, E) row
+    ids = torch.tensor([tiny.tokenizer.encode("The for statement is used to")])
+    expected = logits(model, ids)
+    pruned, _ = apply(f"structured:heads_ratio=0,mlp_ratio=0.004,{CAL}", model, tiny.tokenizer)  # 1 of 256
+    assert pruned.config.n_inner == 255
+    assert torch.allclose(logits(pruned, ids), expected, atol=1e-5)
 
 
 def test_2to4_kernels_must_come_last_in_half_precision():

@@ -122,9 +122,50 @@ def test_impossible_dtypes_are_refused_before_loading(spec, dtype, words):
     with pytest.raises(ConfigError, match=words):
         normalize_specs([spec], dtype)
     from workbench.config import RunConfig
+    from workbench.execution import resolve_device
 
-    with pytest.raises(ValueError, match=words):
+    blocked = REGISTRY[spec].unavailable(resolve_device("auto"))  # then the device is the reason given first
+    with pytest.raises(ValueError, match=f"{spec} cannot run on" if blocked else words):
         RunConfig(model="tiny", dtype=dtype, techniques=(spec,))
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+@pytest.mark.parametrize("dtype", ["fp32", "fp16", "bf16"])
+def test_a_refusal_gives_the_blocking_reason_first_and_its_advice_works(name, dtype, device):
+    """Device before dtype: following a refusal's advice never leads to a second refusal (issue 12)."""
+    import re
+
+    from workbench.config import RunConfig
+
+    dev = torch.device(device)
+    reason = REGISTRY[name].unavailable(dev)
+    try:
+        RunConfig(model="tiny", dtype=dtype, device=device, techniques=(name,))
+        message = None
+    except ValueError as e:
+        message = str(e)
+    if reason:
+        assert message in (None, f"{name} cannot run on {device}: {reason}"), message
+        if message is None:  # a valid config: refused when the run starts, before loading
+            with pytest.raises(ConfigError, match=f"{name} cannot run on {device}"):
+                check_combination([parse_spec(name).spec()], dev)
+        return
+    if message is not None:
+        advised = re.search(r"use --dtype (\w+)", message)
+        assert advised, message
+        config = RunConfig(model="tiny", dtype=advised[1], device=device, techniques=(name,))
+        check_combination(config.techniques, dev)
+
+
+def test_device_reasons_come_before_install_advice(monkeypatch):
+    import importlib.util
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None)  # as if nothing were installed
+    assert REGISTRY["torchao-int4-weight"].unavailable(CPU) == "torchao int4 weight-only kernels need a CUDA GPU"
+    for name in ("bnb-int8", "bnb-nf4", "torchao-int8-weight"):
+        assert "cpu or cuda only" in REGISTRY[name].unavailable(torch.device("meta")), name
+        assert "not installed" in REGISTRY[name].unavailable(CPU), name
 
 
 @pytest.mark.parametrize("name", [n for n in REAL if n not in ("dynamic-int8", "torchao-int4-weight")])

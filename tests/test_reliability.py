@@ -272,7 +272,7 @@ def test_a_gpu_that_does_not_exist_is_refused_before_loading(fast):
 
 def test_a_store_written_by_a_newer_version_is_refused(tmp_path):
     path = tmp_path / "r.sqlite"
-    Store(path)
+    Store(path).add_error(RunConfig(), "an earlier failure")  # a store file exists from its first row on
     with sqlite3.connect(path) as conn:
         conn.execute("UPDATE workbench_meta SET value='99' WHERE key='schema_version'")
     before = path.read_bytes()

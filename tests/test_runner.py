@@ -159,3 +159,89 @@ def test_a_broken_one_token_decode_path_is_flagged(fast, monkeypatch):
 def test_a_sound_decode_path_gets_no_decode_warning(full_run):
     result, _ = full_run
     assert not any("decode looks wrong" in w for w in result.warnings)
+
+
+PROGRESS = r"^[\d,]+/[\d,]+ tokens, \d+ s elapsed, about \d+ s left$"
+
+
+def test_warmup_reports_tokens_done_elapsed_and_time_left(fast):
+    """A big batch's warm-up can take minutes: it narrates progress through StageEvents (CLI and app show them)."""
+    import re
+
+    events = []
+    run(fast(warmup=2, max_new_tokens=5, batch_size=2, eval_tokens=0), events.append)
+    progress = [e for e in events if isinstance(e, StageEvent) and e.stage == "warmup" and e.state == "progress"]
+    assert progress and all(re.match(PROGRESS, e.message) for e in progress), progress
+    assert progress[0].message.startswith("2/20 tokens")  # the first token of run 1 (prefill done), batch 2
+    assert progress[-1].message.startswith("20/20 tokens") and progress[-1].fraction == 1.0
+    assert [e.fraction for e in progress] == sorted(e.fraction for e in progress)
+
+
+def test_stop_during_warmup_stops_inside_the_prefill(fast):
+    """Stop requested once the first warm-up call has started: its prompt's forward ends at the next layer."""
+    events, state = [], {"warm": False, "asked": 0}
+
+    def on_event(e):
+        events.append(e)
+        if isinstance(e, StageEvent) and e.stage == "warmup" and e.state == "start":
+            state["warm"] = True
+
+    def should_stop():  # False for the check before the first call, True from inside it on
+        if state["warm"]:
+            state["asked"] += 1
+        return state["asked"] > 1
+
+    r = run(fast(warmup=3, max_new_tokens=8, eval_tokens=0), on_event, should_stop=should_stop)
+    assert r.status == "stopped" and r.latency is None
+    assert not [e for e in events if isinstance(e, TokenEvent)]  # not even the first token of the first call
+    assert not [e for e in events if isinstance(e, StageEvent) and e.stage == "measure"]
+    assert any("stopped" in w for w in r.warnings)
+
+
+def test_stop_between_warmup_tokens(fast):
+    """A stop after the first warm-up token ends the call at once; the model's layers run unhooked afterwards."""
+    events, seen = [], {"n": 0}
+
+    def on_event(e):
+        events.append(e)
+        if isinstance(e, TokenEvent):
+            seen["n"] += 1
+
+    r = run(fast(warmup=2, max_new_tokens=50, eval_tokens=0), on_event, should_stop=lambda: seen["n"] >= 1)
+    assert r.status == "stopped" and seen["n"] <= 2
+
+
+def test_more_threads_than_cores_is_a_warning(fast, monkeypatch):
+    import os
+
+    import workbench.runner as runner
+
+    assert runner.usable_cores() == len(os.sched_getaffinity(0))
+    monkeypatch.setattr(runner, "usable_cores", lambda: 1)
+    events = []
+    r = run(fast(threads=2, eval_tokens=0), events.append)
+    assert r.status == "ok"
+    text = "threads 2 is more than the 1 CPU cores this process may use"
+    assert any(w.startswith(text) for w in r.warnings)
+    assert any(isinstance(e, WarningEvent) and e.message.startswith(text) for e in events)  # the app shows these
+    assert not any("CPU cores" in w for w in run(fast(threads=1, eval_tokens=0)).warnings)
+
+
+def test_long_timed_runs_and_evaluation_narrate_their_tokens(fast, monkeypatch):
+    """Timed calls and evaluation narrate tokens done / total when they last (here: always, throttle 0 s)."""
+    import re
+
+    import workbench.runner as runner
+
+    monkeypatch.setattr(runner._Run, "NARRATE_EVERY_S", 0.0)
+    events = []
+    r = run(fast(repeats=2, max_new_tokens=4, batch_size=2, eval_tokens=300, eval_context=32), events.append)
+    progress = [e for e in events if isinstance(e, StageEvent) and e.state == "progress"]
+    timed = [e.message for e in progress if e.stage == "measure" and e.message.startswith("timed run")]
+    assert timed and all(re.match(r"timed run \d+: [\d,]+/8 tokens, \d+ s elapsed, about \d+ s left$", m) for m in timed)
+    scored = [e.message for e in progress if e.stage == "evaluate"]
+    total = r.accuracy.eval_tokens
+    assert scored and scored[-1].startswith(f"{total:,}/{total:,} tokens")
+    assert all(re.match(PROGRESS, m) for m in scored)
+    assert any(e.message == "2 runs, " + e.message.split(", ")[1] for e in progress if e.stage == "measure"
+               and not e.message.startswith("timed"))  # the per-run progress is still there

@@ -65,12 +65,13 @@ def test_a_failed_write_leaves_nothing_behind(store_path, result, monkeypatch):
 
 def test_a_transaction_interrupted_inside_sqlite_rolls_back(store_path, result):
     store = Store(store_path)
+    store.add_error(result.config, "an earlier failure")  # the store file exists from its first row on
     with sqlite3.connect(store_path) as conn:  # a trigger that fails the insert half-way
         conn.execute("CREATE TRIGGER boom BEFORE INSERT ON runs WHEN NEW.model = 'tiny' "
                      "BEGIN SELECT RAISE(ABORT, 'simulated crash'); END")
     with pytest.raises(StoreError):
         store.add(result)
-    assert store.summaries() == []
+    assert [r["status"] for r in store.summaries()] == ["error"]
 
 
 def test_corrupt_database_is_refused_and_left_untouched(tmp_path):
@@ -100,3 +101,50 @@ def test_results_json_export_is_one_list(store_path, result):
     store.add(result)
     data = json.loads(json.dumps([r.to_dict() for r in store.results()]))
     assert data[0]["latency"]["new_tokens"] == 4
+
+
+def test_reading_a_missing_store_finds_no_runs_and_creates_nothing(tmp_path):
+    path = tmp_path / "none.sqlite"
+    store = Store(path)
+    assert store.summaries() == [] and store.results() == [] and store.hashes() == set()
+    assert len(store.dataframe()) == 0
+    with pytest.raises(StoreError, match="no run 3 in .*: no runs yet"):
+        store.get(3)
+    assert not path.exists() and not store.exists()
+
+
+def test_the_first_run_creates_the_store_and_the_default_data_folder(monkeypatch, tmp_path, result):
+    """No path and no WORKBENCH_STORE: results.sqlite in $XDG_DATA_HOME/workbench, made with the first run."""
+    from workbench.paths import default_store
+
+    monkeypatch.delenv("WORKBENCH_STORE")
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+    store = Store()
+    assert store.path == default_store() == tmp_path / "data" / "workbench" / "results.sqlite"
+    assert not (tmp_path / "data").exists()
+    assert store.add(result) == 1 and Store().summaries()[0]["id"] == 1
+    monkeypatch.delenv("XDG_DATA_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert Store().path == tmp_path / "home" / ".local" / "share" / "workbench" / "results.sqlite"
+
+
+def test_a_named_store_in_a_missing_folder_is_refused(monkeypatch, tmp_path):
+    monkeypatch.setenv("WORKBENCH_STORE", str(tmp_path / "nowhere" / "r.sqlite"))
+    with pytest.raises(StoreError, match="folder .*nowhere' does not exist"):
+        Store()
+
+
+def test_the_app_history_names_its_store(tmp_path, result):
+    from widgets.history import HistoryPanel
+    from workbench.paths import default_store
+
+    path = tmp_path / "runs.sqlite"
+    panel = HistoryPanel(str(path))
+    panel.refresh()
+    assert str(path) in panel.where.value and panel.where in panel.box.children
+    assert f"workbench results --store {path}</code> lists it" in panel.where.value
+    assert "the default store" in HistoryPanel(str(default_store())).where.value
+    assert f"No runs yet in {path}" in panel.table.value and not path.exists()
+    Store(path).add(result)
+    panel.refresh()
+    assert "No runs yet" not in panel.table.value and "tiny" in panel.table.value

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -54,7 +55,10 @@ def isolated_env(home: Path) -> dict[str, str]:
 
 
 def wait_http(url: str, timeout: float = 60.0, proc: subprocess.Popen | None = None) -> None:
-    """Poll until `url` answers (or the server process died)."""
+    """Poll until `url` answers, with any HTTP status (or the server process died).
+
+    For Voila, poll a URL that is not the notebook: every request for the notebook starts a kernel.
+    """
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
@@ -62,6 +66,8 @@ def wait_http(url: str, timeout: float = 60.0, proc: subprocess.Popen | None = N
         try:
             with urllib.request.urlopen(url, timeout=2):
                 return
+        except urllib.error.HTTPError:
+            return  # an error page is an answer: the server is up
         except OSError:
             time.sleep(0.3)
     raise TimeoutError(f"{url} did not answer within {timeout:.0f} s")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import html
 import logging
 import queue
@@ -16,14 +17,18 @@ from widgets.distill import DistillPanel
 from widgets.forms import error_html, warning_html
 from widgets.history import HistoryPanel
 from widgets.panels import SETTINGS_GROUPS, ModelPanel, SettingsPanel, TechniquesPanel
+from widgets.publish import policy_note, run_slot
 from widgets.plots import AccuracyPlot, LatencyPlot, MemoryPlot, RooflinePlot, live_figure, persist
 from widgets.sensitivity import SensitivityPanel
 from widgets.tables import parallel_html
 from workbench.config import RunConfig
 from workbench.errors import WorkbenchError
+from workbench.publish import PublishPolicy, check_run
+from workbench.slots import RunSlots
 from workbench.events import STAGES, MetricEvent, RepeatEvent, StageEvent, TokenEvent, WarningEvent
 from workbench.result import RunResult
-from workbench.store import DEFAULT_PATH, Store
+from workbench.paths import store_path as resolve_store
+from workbench.store import Store
 
 logger = logging.getLogger(__name__)
 Runner = Callable[..., RunResult]
@@ -52,22 +57,24 @@ def default_runner() -> Runner:
 class Workbench(W.VBox):
     """The workbench app. Display it as the last expression of a cell; `__init__` never calls display()."""
 
-    def __init__(self, store_path: str = DEFAULT_PATH, runner: Runner | None = None,
+    def __init__(self, store_path: str | None = None, runner: Runner | None = None,
                  analyzer: Callable[..., Any] | None = None, distiller: Callable[..., Any] | None = None,
                  budget_ms: float = 1000.0,
-                 redraw_interval_s: float = 0.1) -> None:
+                 redraw_interval_s: float = 0.1, policy: PublishPolicy | None = None,
+                 slots: RunSlots | None = None) -> None:
         from workbench.execution import resolve_device
 
-        self.store_path = store_path
+        self.store_path = str(resolve_store(store_path))  # None: the default store every entry point uses
         self.runner = runner or default_runner()
         self.redraw_interval_s = redraw_interval_s
+        self.policy, self.slots = policy, slots  # the publisher's lock and the server's run slots (None: local)
         self.thread: threading.Thread | None = None
         self._busy = False
         self.stop_requested = False
         self.last_result: RunResult | None = None
         self.last_error: str | None = None
         device = resolve_device("auto")
-        self.model_panel = ModelPanel()
+        self.model_panel = ModelPanel(policy)
         self.quant = TechniquesPanel("quant", device)
         self.prune = TechniquesPanel("prune", device)
         self.settings = {group: SettingsPanel(group) for group in SETTINGS_GROUPS}
@@ -75,7 +82,10 @@ class Workbench(W.VBox):
         self.latency_plot, self.roofline_plot = LatencyPlot(cells[0], budget_ms), RooflinePlot(cells[1])
         self.memory_plot, self.accuracy_plot = MemoryPlot(cells[2]), AccuracyPlot(cells[3])
         persist(self.live)  # every painter's traces are in the state a page draws first (plotly #4998)
-        self.history = HistoryPanel(store_path)
+        self.history = HistoryPanel(self.store_path)
+        if policy is not None:  # a locked server writes exports into its working folder, not the notebook's
+            export = policy.resolve_path("workbench-results.csv", "export")
+            self.history.export_csv = functools.partial(self.history.export_csv, export)  # type: ignore
         self.sensitivity = SensitivityPanel(self, analyzer)
         self.distill = DistillPanel(self, distiller)
         self._build_controls(budget_ms)
@@ -120,7 +130,8 @@ class Workbench(W.VBox):
                       layout={"flex": "1 1 auto"})
         plots = W.VBox([self.live, W.HBox([self.latency_notes, self.accuracy_notes])])
         title = W.HTML(CSS + "<h3 style='margin:4px 0'>LLM Inference Workbench</h3><span class='wb-note'>Choose a "
-                       "model and techniques, press Run: latency, memory and accuracy are measured in one run.</span>")
+                       "model and techniques, press Run: latency, memory and accuracy are measured in one run.</span>"
+                       + policy_note(self.policy))
         return [title, W.HBox([left, live]), plots,
                 W.HTML("<h4>History</h4>"), self.history.box, W.HTML("<h4>Sensitivity</h4>"), self.sensitivity.box,
                 W.HTML("<h4>Distillation</h4>"), self.distill.box]
@@ -160,6 +171,8 @@ class Workbench(W.VBox):
         try:
             config = self.config()
             check_combination(config.techniques, resolve_device(config.device))
+            if self.policy is not None:
+                check_run(self.policy, config)
         except (ValueError, WorkbenchError) as e:
             self.problems.value = error_html(f"Cannot run: {e}")
             self.run_button.disabled = True
@@ -218,8 +231,14 @@ class Workbench(W.VBox):
         pump.start()
         result: RunResult | None = None
         try:
-            result = self.runner(config, on_event=events.put, should_stop=lambda: self.stop_requested)
-            result = result.with_id(Store(self.store_path).add(result))
+            with run_slot(self.slots, lambda: self.stop_requested, self._queued) as admitted:
+                if admitted:
+                    result = self.runner(config, on_event=events.put, should_stop=lambda: self.stop_requested)
+            if result is None:  # stopped while waiting for a run slot
+                self.progress.description, self.progress.bar_style = "stopped", "warning"
+                self.status.value = "stopped while waiting in the queue: nothing ran"
+            else:
+                result = result.with_id(Store(self.store_path).add(result))
         except WorkbenchError as e:
             self._fail(config, str(e))
         except Exception as e:  # noqa: BLE001 - the app must survive anything a run raises
@@ -252,6 +271,10 @@ class Workbench(W.VBox):
                 else:
                     self._on_event(event)
             self._flush()
+
+    def _queued(self, message: str) -> None:
+        self.progress.description, self.progress.bar_style = "queued", "info"
+        self.status.value = html.escape(message)
 
     def _fail(self, config: RunConfig, message: str) -> None:
         self.last_error = message

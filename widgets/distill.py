@@ -10,10 +10,10 @@ from collections.abc import Callable
 from typing import Any
 
 import ipywidgets as W
-import plotly.graph_objects as go
 
 from widgets.forms import FieldForm, error_html, warning_html
-from widgets.plots import _LAYOUT, persist
+from widgets.plots import _LAYOUT, Figure, persist
+from widgets.publish import run_slot
 from workbench.errors import WorkbenchError
 from workbench.events import MetricEvent, StageEvent, TrainEvent
 
@@ -26,8 +26,8 @@ class LossPlot:
     """Train loss per step, held-out loss per check, and the teacher's / the start's held-out loss as lines."""
 
     def __init__(self) -> None:
-        self.widget = go.FigureWidget()
-        self.widget.update_layout(height=380, width=1000, title="Distillation: loss (nats per token)",
+        self.widget = Figure()
+        self.widget.update_layout(height=380, title="Distillation: loss (nats per token)",
                                   xaxis_title="step", yaxis_title="loss", **_LAYOUT)
         self.widget.add_scatter(x=[], y=[], mode="lines", name="train loss (cross-entropy on the batch)", opacity=0.6)
         self.widget.add_scatter(x=[], y=[], mode="lines+markers", name="held-out loss (cross-entropy)")
@@ -95,7 +95,13 @@ class DistillPanel:
 
         values = self.form.values()
         values["text"] = values.get("text") or None
-        return DistillConfig(**values)
+        config = DistillConfig(**values)
+        policy = getattr(self.app, "policy", None)
+        if policy is not None:  # the publisher's lock: listed models, caps, text only from the working folder
+            from workbench.publish import check_distill
+
+            config = check_distill(policy, config)
+        return config
 
     def start(self) -> bool:
         """Validate and start training in a thread; False (with the reason shown) when it cannot start."""
@@ -126,7 +132,10 @@ class DistillPanel:
     def use(self) -> None:
         """Make the saved student the app's model."""
         if self.last_result is not None:
-            self.app.model_panel.set_model(self.last_result.model)
+            try:
+                self.app.model_panel.set_model(self.last_result.model)
+            except ValueError as e:  # a locked server that does not offer students
+                self.status.value = error_html(str(e))
 
     def wait(self, timeout: float | None = None) -> None:
         """Block until the current distillation ends (tests, scripts)."""
@@ -137,7 +146,12 @@ class DistillPanel:
         from workbench.distill import distill
 
         try:
-            result = (self.distiller or distill)(config, on_event=self._on_event, should_stop=self.stop_event.is_set)
+            with run_slot(getattr(self.app, "slots", None), self.stop_event.is_set, self._queued) as admitted:
+                if not admitted:
+                    self.status.value = "Stopped while waiting in the queue: nothing ran."
+                    return
+                result = (self.distiller or distill)(config, on_event=self._on_event,
+                                                     should_stop=self.stop_event.is_set)
             self._flush()
             self.last_result = result
             self._show(result)
@@ -149,6 +163,9 @@ class DistillPanel:
         finally:
             self.start_button.disabled, self.stop_button.disabled = False, True
             self.form.set_disabled(False)
+
+    def _queued(self, message: str) -> None:
+        self.status.value = html.escape(message)
 
     def _on_event(self, event: Any) -> None:
         import time

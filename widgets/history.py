@@ -63,6 +63,18 @@ def _dropdown(keys: tuple[str, ...], value: str, description: str) -> W.Dropdown
                       style={"description_width": "60px"}, layout={"width": "260px"})
 
 
+def _shared_with(path: str) -> str:
+    """Who else reads and writes this store, for the History header."""
+    from pathlib import Path
+
+    from workbench.paths import default_store
+
+    if Path(path).expanduser().resolve() == default_store().expanduser().resolve():
+        return ("the default store: <code>workbench run</code>, <code>workbench results</code> and the dashboard "
+                "use it too")
+    return f"<code>workbench results --store {html.escape(str(path))}</code> lists it"
+
+
 class HistoryPanel:
     """Every stored run: Pareto plot (click two runs to compare), table, CSV export."""
 
@@ -85,8 +97,11 @@ class HistoryPanel:
         self.comparison = W.HTML("<i>Click two runs in the plot to compare them side by side.</i>")
         self.table = W.HTML()
         self.message = W.HTML()
+        self.where = W.HTML(f"<span class='wb-note'>Runs in <code>{html.escape(str(store_path))}</code> "
+                            f"({_shared_with(store_path)})</span>")
         controls = W.HBox([self.x, self.y, self.size, self.refresh_button, self.export_button])
-        self.box = W.VBox([controls, self.message, self.pareto.widget, self.comparison, self.export_link, self.table])
+        self.box = W.VBox([self.where, controls, self.message, self.pareto.widget, self.comparison, self.export_link,
+                           self.table])
 
     def _store(self) -> Store:
         return Store(self.store_path)
@@ -100,7 +115,9 @@ class HistoryPanel:
         try:
             store = self._store()
             self.results = store.results(status=None)
-            self.table.value = summary_table(store.summaries(limit=200))
+            rows = store.summaries(limit=200)
+            self.table.value = summary_table(rows) if rows else \
+                f"<i>No runs yet in {html.escape(str(store.path))}: press Run.</i>"
             self.message.value = ""
         except WorkbenchError as e:
             self.message.value = error_html(str(e))

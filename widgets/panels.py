@@ -16,14 +16,24 @@ OTHER = "__other__"
 RANDOM_NOTE = "random weights: speed and memory only"
 
 
-def model_choices() -> list[tuple[str, str]]:
-    """Dropdown options: the reference model, the presets (marked), and a free-text entry."""
+def model_choices(policy: Any = None) -> list[tuple[str, str]]:
+    """Dropdown options: the reference model, the presets (marked), and a free-text entry (or the policy's list)."""
     from workbench.models.sources import saved_students
 
+    if policy is not None:
+        return [(_describe(m), m) for m in policy.model_choices(saved_students())]
     options = [("tiny — the reference model (real weights)", "tiny")]
     options += [(f"student:{name} — distilled (real weights)", f"student:{name}") for name in saved_students()]
     options += [(f"preset:{name} — {RANDOM_NOTE}", f"preset:{name}") for name in sorted(PRESETS)]
     return options + [("hub id or local folder…", OTHER)]
+
+
+def _describe(model: str) -> str:
+    if model == "tiny":
+        return "tiny — the reference model (real weights)"
+    if model.startswith("preset:"):
+        return f"{model} — {RANDOM_NOTE}"
+    return f"{model} — distilled (real weights)" if model.startswith("student:") else model
 
 
 def device_choices() -> list[str]:
@@ -34,13 +44,15 @@ def device_choices() -> list[str]:
 class ModelPanel:
     """Which model, in which dtype."""
 
-    def __init__(self) -> None:
+    def __init__(self, policy: Any = None) -> None:
         tips = {f.name: f.metadata["help"] for f in RunConfig.__dataclass_fields__.values()}
-        self.source = W.Dropdown(options=model_choices(), value="tiny", description="model",
+        self.policy = policy  # a PublishPolicy: only its models, and no trust/pickle inputs at all
+        options = model_choices(policy)
+        self.source = W.Dropdown(options=options, value=options[0][1], description="model",
                                  tooltip=tips["model"], style={"description_width": "60px"}, layout={"width": "460px"})
         self.other = W.Text(placeholder="org/name or /path/to/folder", description="hub id / folder",
                             style={"description_width": "110px"}, layout={"width": "460px", "display": "none"})
-        self.form = FieldForm(RunConfig, ["dtype", "trust_remote_code", "allow_pickle"])
+        self.form = FieldForm(RunConfig, ["dtype"] if policy else ["dtype", "trust_remote_code", "allow_pickle"])
         self.note = W.HTML()
         self.source.observe(self._on_source, "value")
         self.box = W.VBox([self.source, self.other, self.form.box, self.note])
@@ -55,9 +67,11 @@ class ModelPanel:
 
     def set_model(self, model: str) -> None:
         """Select a source from the list (re-read, so new students appear), or type it as a hub id / folder."""
-        self.source.options = model_choices()
+        self.source.options = model_choices(self.policy)
         if model in {value for _, value in self.source.options}:
             self.source.value = model
+        elif self.policy is not None:
+            self.policy.check_model(model)  # a locked app has no free-text source
         else:
             self.source.value, self.other.value = OTHER, model
 

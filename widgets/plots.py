@@ -1,7 +1,8 @@
 """Live plotly figures. The painters draw what the core measured; they compute nothing.
 
-Three FigureWidgets in all (live 2x2, history, sensitivity 1x2): each FigureWidget carries plotly's
-5 MB JavaScript bundle to the browser, so every extra figure costs page-load time.
+Three figures in all (live 2x2, history, sensitivity 1x2, the last made on first use): each is a plotly
+view the page must build. They are `widgets.figure.Figure`s: plotly's FigureWidget with a loader that
+fetches plotly's 5 MB front end once per page and keeps anywidget from dropping their messages under load.
 
 plotly's FigureWidget syncs its full state only when `_widget_data` / `_widget_layout` are assigned;
 later edits travel as one-off messages, which a page that connects afterwards never sees (in Voila
@@ -11,27 +12,22 @@ state after a batch of edits so a view that renders later starts from the curren
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from widgets.figure import Figure, persist
 from workbench.analysis import METRICS, describe, frontier
 from workbench.events import TokenEvent
 from workbench.result import AccuracyStats, LatencyStats, MemoryStats, RooflineStats, RunResult
 
 MIB = 1024 * 1024
+NO_RUN, NOT_MEASURED = "no run yet", "not measured"
 _LAYOUT = dict(template="plotly_white", margin=dict(l=60, r=30, t=60, b=50), legend=dict(orientation="h", y=-0.12))
-
-
-def persist(fig: go.FigureWidget) -> None:
-    """Make the widget's synced state equal to the figure (for views that connect later)."""
-    fig._widget_data = copy.deepcopy(fig._data)
-    fig._widget_layout = copy.deepcopy(fig._layout)
 
 
 @dataclass
@@ -42,11 +38,14 @@ class Cell:
     row: int
     col: int
     title_index: int
+    refs: list[str] = field(default_factory=list)  # the axes ('x', 'y', 'y2') its traces use
 
     def add(self, trace: Any, secondary_y: bool = False) -> Any:
         """Add a trace to this subplot; return it (as stored in the figure)."""
         self.fig.add_trace(trace, row=self.row, col=self.col, secondary_y=secondary_y if secondary_y else None)
-        return self.fig.data[-1]
+        stored = self.fig.data[-1]
+        self.refs += [ref for ref in (stored.xaxis, stored.yaxis) if ref not in self.refs]
+        return stored
 
     @property
     def title(self) -> str:
@@ -57,14 +56,37 @@ class Cell:
     def title(self, text: str) -> None:
         self.fig.layout.annotations[self.title_index].text = text
 
+    def empty(self, message: str | None) -> None:
+        """Show `message` instead of this subplot's axes (None: the axes again)."""
+        show_empty(self.fig, self.refs, message, f"empty {self.row},{self.col}")
+
+
+def show_empty(fig: go.FigureWidget, refs: Sequence[str], message: str | None, name: str) -> None:
+    """Hide the axes `refs` ('x2', 'y') and show `message` in their middle (None: show the axes again).
+
+    An empty plotly plot draws meaningless axes (-1..6); an empty plot here says why it is empty.
+    """
+    for ref in refs:
+        _axis(fig, ref).visible = message is None
+    for item in (*fig.layout.shapes, *fig.layout.annotations):  # what is drawn on these axes (the budget line)
+        if item.name != name and {str(r or "paper").split()[0] for r in (item.xref, item.yref)} <= set(refs):
+            item.visible = message is None
+    note = next((a for a in fig.layout.annotations if a.name == name), None)
+    if note is None:
+        x, y = (next(r for r in refs if r.startswith(k)) for k in "xy")
+        fig.add_annotation(name=name, xref=f"{x} domain", yref=f"{y} domain", x=0.5, y=0.5, showarrow=False,
+                           font={"size": 14, "color": "gray"})
+        note = fig.layout.annotations[-1]
+    note.update(text=message or "", visible=message is not None)
+
 
 def live_figure() -> tuple[go.FigureWidget, list[Cell]]:
-    """The 2x2 live figure: latency | roofline / memory | accuracy."""
+    """The 2x2 live figure: latency | roofline / memory | accuracy, as wide as the page."""
     grid = make_subplots(rows=2, cols=2, specs=[[{"secondary_y": True}, {}], [{}, {}]], column_widths=[0.55, 0.45],
                          subplot_titles=["Per-token latency (live)", "Roofline", "Memory", "Accuracy"],
-                         vertical_spacing=0.16, horizontal_spacing=0.12)
-    fig = go.FigureWidget(grid)
-    fig.update_layout(height=720, width=1250, **_LAYOUT)
+                         vertical_spacing=0.16, horizontal_spacing=0.16)
+    fig = Figure(grid)
+    fig.update_layout(height=720, **_LAYOUT)
     cells = [Cell(fig, r, c, i) for i, (r, c) in enumerate(((1, 1), (1, 2), (2, 1), (2, 2)))]
     return fig, cells
 
@@ -86,8 +108,12 @@ class LatencyPlot:
                                         textposition="top right", marker={"size": 12, "symbol": "diamond"}))
         self.traces = (self.arrival, self.gap, self.ttft)
         _axis(self.fig, self.arrival.xaxis).title.text = "token index"
-        _axis(self.fig, self.arrival.yaxis).update(title_text="ms since the request", type="log")
-        _axis(self.fig, self.gap.yaxis).update(title_text="gap (ms)", type="log", showgrid=False)
+        # left: log, labelled at 1, 2, 5 per decade; right: linear from 0 with its own few ticks (as a log axis
+        # overlaying the left one it copied the left axis' tick positions: crowded, odd values)
+        _axis(self.fig, self.arrival.yaxis).update(title_text="ms since the request", type="log", dtick="D2")
+        _axis(self.fig, self.gap.yaxis).update(title_text="gap between tokens (ms)", showgrid=False,
+                                               rangemode="tozero", tickmode="auto", nticks=6)
+        self.cell.empty(NO_RUN)
         self.set_budget(budget_ms)
 
     def begin(self, phase: str, repeat: int) -> None:
@@ -97,6 +123,7 @@ class LatencyPlot:
                 trace.x, trace.y = [], []
             self.ttft.text = []
             self.cell.title = f"Per-token latency (live): {phase} run {repeat + 1}"
+            self.cell.empty(None)
 
     def add(self, events: Sequence[TokenEvent]) -> None:
         """Append a batch of token events (the caller throttles)."""
@@ -117,11 +144,13 @@ class LatencyPlot:
         self.budget_ms = budget_ms
         x, y = self.arrival.xaxis, self.arrival.yaxis
         with self.fig.batch_update():
+            shown = _axis(self.fig, x).visible is not False  # hidden while the plot is empty
             self.fig.layout.shapes = [dict(type="line", xref=f"{x} domain", x0=0, x1=1, yref=y, y0=budget_ms,
-                                           y1=budget_ms, line=dict(color="crimson", dash="dash"))]
-            self.fig.layout.annotations = list(self.fig.layout.annotations[:4]) + [dict(
-                xref=f"{x} domain", x=0.01, yref=y, y=math.log10(budget_ms), text=f"budget {budget_ms:g} ms",
-                showarrow=False, font=dict(color="crimson"), yanchor="bottom")]
+                                           y1=budget_ms, line=dict(color="crimson", dash="dash"), visible=shown)]
+            note = dict(name="budget", xref=f"{x} domain", x=0.01, yref=y, y=math.log10(budget_ms), visible=shown,
+                        text=f"budget {budget_ms:g} ms", showarrow=False, font=dict(color="crimson"), yanchor="bottom")
+            old = [a for a in self.fig.layout.annotations if a.name != "budget"]
+            self.fig.layout.annotations = old + [note]
         persist(self.fig)
 
     def summarize(self, latency: LatencyStats | None) -> None:
@@ -146,6 +175,7 @@ class MemoryPlot:
         self.bar = cell.add(go.Bar(x=[], y=[], text=[], textposition="outside", name="memory (MiB)",
                                    showlegend=False))
         _axis(self.fig, self.bar.yaxis).title.text = "MiB"
+        self.cell.empty(NO_RUN)
 
     def show(self, memory: MemoryStats | None) -> None:
         """Bars for every measured quantity (GPU bars only when a GPU was used)."""
@@ -156,6 +186,7 @@ class MemoryPlot:
             self.bar.y = [v / MIB for _, v in bars]
             self.bar.text = [f"{v / MIB:.1f}" for _, v in bars]
             self.cell.title = "Memory" + (f" (host peaks: {memory.host_method.split(' (')[0]})" if memory else "")
+            self.cell.empty(None if bars else NOT_MEASURED)
         persist(self.fig)
 
 
@@ -169,6 +200,7 @@ class AccuracyPlot:
         self.cell, self.fig = cell, cell.fig
         self.bar = cell.add(go.Bar(x=[], y=[], text=[], textposition="outside", name="share", showlegend=False))
         _axis(self.fig, self.bar.yaxis).update(title_text="share", range=[0, 1.1])
+        self.cell.empty(NO_RUN)
 
     def show(self, accuracy: AccuracyStats | None, reason: str = "") -> None:
         """Bars for the shares, perplexity and KL in the title; or why there is no accuracy."""
@@ -176,10 +208,12 @@ class AccuracyPlot:
             if accuracy is None:
                 self.bar.x, self.bar.y, self.bar.text = [], [], []
                 self.cell.title = f"Accuracy: not measured{' — ' + reason if reason else ''}"
+                self.cell.empty(NOT_MEASURED)
             else:
                 pairs = [(n, getattr(accuracy, k)) for n, k in self.BARS if getattr(accuracy, k) is not None]
                 self.bar.x, self.bar.y = [n for n, _ in pairs], [v for _, v in pairs]
                 self.bar.text = [f"{v:.1%}" for _, v in pairs]
+                self.cell.empty(None if pairs else NOT_MEASURED)
                 kl = f", KL {accuracy.kl_vs_baseline:.4f} nats" if accuracy.kl_vs_baseline is not None else ""
                 self.cell.title = f"Accuracy: perplexity {accuracy.perplexity:.2f}{kl} ({accuracy.eval_tokens} tokens)"
         persist(self.fig)
@@ -190,9 +224,12 @@ class RooflinePlot:
 
     def __init__(self, cell: Cell) -> None:
         self.cell, self.fig = cell, cell.fig
-        self.bar = cell.add(go.Bar(x=[], y=[], orientation="h", text=[], textposition="auto", name="tokens/s",
-                                   showlegend=False))
+        # the bar names sit inside the bars: y tick labels on the left would crowd the latency plot's right axis
+        self.bar = cell.add(go.Bar(x=[], y=[], orientation="h", text=[], textposition="auto", textangle=0,
+                                   insidetextanchor="start", name="tokens/s", showlegend=False))
         _axis(self.fig, self.bar.xaxis).title.text = "decode tokens/s"
+        _axis(self.fig, self.bar.yaxis).showticklabels = False
+        self.cell.empty(NO_RUN)
 
     def show(self, roofline: RooflineStats | None, decode_tokens_per_s: float | None) -> None:
         """Two bars: the bound and what was measured."""
@@ -200,14 +237,21 @@ class RooflinePlot:
             if roofline is None or roofline.decode_bound_tokens_per_s is None or decode_tokens_per_s is None:
                 self.bar.x, self.bar.y, self.bar.text = [], [], []
                 self.cell.title = "Roofline: not measured"
+                self.cell.empty(NOT_MEASURED)
             else:
                 self.bar.y = ["bandwidth bound", "measured decode"]
                 self.bar.x = [roofline.decode_bound_tokens_per_s, decode_tokens_per_s]
-                self.bar.text = [f"{roofline.decode_bound_tokens_per_s:.0f}", f"{decode_tokens_per_s:.1f}"]
+                self.bar.text = [f"bandwidth bound: {roofline.decode_bound_tokens_per_s:.0f} tokens/s",
+                                 f"measured decode: {decode_tokens_per_s:.1f} tokens/s"]
+                self.cell.empty(None)
                 self.cell.title = (f"Roofline: {roofline.fraction_of_bound:.0%} of the bound "
                                    f"({roofline.bandwidth_bytes_per_s / 1e9:.1f} GB/s, "
                                    f"{roofline.bytes_per_token / MIB:.1f} MiB per token)")
         persist(self.fig)
+
+
+def _runs(n: int) -> str:
+    return f"{n} run" + ("" if n == 1 else "s")
 
 
 class ParetoPlot:
@@ -218,8 +262,7 @@ class ParetoPlot:
         self.x_key, self.y_key, self.size_key = "e2e_ms_p50", "perplexity", "weights_bytes"
         self.run_ids: list[int] = []
         self.frontier_ids: list[int] = []
-        self.widget = go.FigureWidget(layout={**_LAYOUT, "height": 420, "width": 1250,
-                                              "title": {"text": "History", "font": {"size": 14}}})
+        self.widget = Figure(layout={**_LAYOUT, "height": 420, "title": {"text": "History", "font": {"size": 14}}})
         self.widget.add_scatter(x=[], y=[], mode="markers", name="runs", hovertext=[], hoverinfo="text",
                                 marker={"sizemode": "area", "sizemin": 5, "opacity": 0.75})
         self.widget.add_scatter(x=[], y=[], mode="lines+markers", name="Pareto frontier", line={"dash": "dot"},
@@ -227,6 +270,7 @@ class ParetoPlot:
         self.widget.add_scatter(x=[], y=[], mode="markers", name="selected", hoverinfo="skip",
                                 marker={"size": 18, "symbol": "circle-open", "line": {"width": 3}})
         self.widget.data[0].on_click(self._clicked)
+        show_empty(self.widget, ("x", "y"), "no run stored yet", "empty")
         persist(self.widget)
 
     def _clicked(self, trace: Any, points: Any, state: Any) -> None:
@@ -254,41 +298,8 @@ class ParetoPlot:
             sel.x, sel.y = [mx.value(r) for r in chosen], [my.value(r) for r in chosen]
             self.widget.layout.xaxis.title.text = f"{mx.label} ({mx.unit}), {mx.better} is better"
             self.widget.layout.yaxis.title.text = f"{my.label}, {my.better} is better"
-            self.widget.layout.title.text = (f"History: {len(usable)} runs with both metrics, {len(front)} on the "
-                                             f"Pareto frontier (marker area = {ms.label})")
-        persist(self.widget)
-
-
-class SensitivityPlots:
-    """One figure: per-layer KL heatmap (blocks x layers) | one layer's weight histogram before/after."""
-
-    def __init__(self) -> None:
-        grid = make_subplots(rows=1, cols=2, column_widths=[0.55, 0.45], horizontal_spacing=0.14,
-                             subplot_titles=["Per-layer sensitivity", "Weights before / after"])
-        self.widget = go.FigureWidget(grid)
-        self.widget.update_layout(height=420, width=1250, barmode="overlay", **_LAYOUT)
-        self.heatmap_cell, self.histogram_cell = Cell(self.widget, 1, 1, 0), Cell(self.widget, 1, 2, 1)
-        self.heatmap = self.heatmap_cell.add(go.Heatmap(z=[], x=[], y=[], colorscale="Reds",
-                                                        colorbar={"title": {"text": "KL"}, "x": 0.5}))
-        self.before = self.histogram_cell.add(go.Bar(x=[], y=[], name="before", opacity=0.55))
-        self.after = self.histogram_cell.add(go.Bar(x=[], y=[], name="after", opacity=0.55))
-        self.widget.layout.yaxis.autorange = "reversed"
-        self.widget.layout.xaxis2.title.text = "weight value"
-        self.widget.layout.yaxis2.update(title_text="count", type="log")
-        persist(self.widget)
-
-    def show(self, report: Any) -> None:  # SensitivityReport
-        """Draw a SensitivityReport."""
-        blocks, modules, grid = report.matrix("kl")
-        h = report.histogram
-        with self.widget.batch_update():
-            self.heatmap.z, self.heatmap.x, self.heatmap.y = grid, modules, [f"block {b}" for b in blocks]
-            self.heatmap_cell.title = f"KL caused by compressing one layer alone: {report.technique.split(',')[0]}…"
-            if h is None:
-                self.before.x = self.before.y = self.after.x = self.after.y = []
-            else:
-                centers = [(a + b) / 2 for a, b in zip(h.edges, h.edges[1:])]
-                self.before.x, self.before.y = centers, list(h.before)
-                self.after.x, self.after.y = centers, list(h.after)
-                self.histogram_cell.title = f"{h.layer}: {h.distinct_after} distinct values after"
+            self.widget.layout.title.text = (f"History: {_runs(len(usable))} with both metrics, {len(front)} on "
+                                             f"the Pareto frontier (marker area = {ms.label})")
+            empty = "no run stored yet" if not results else f"no stored run has both {mx.label} and {my.label}"
+            show_empty(self.widget, ("x", "y"), None if usable else empty, "empty")
         persist(self.widget)

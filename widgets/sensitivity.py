@@ -11,7 +11,8 @@ from typing import Any
 import ipywidgets as W
 
 from widgets.forms import error_html, warning_html
-from widgets.plots import SensitivityPlots
+from widgets.sensitivity_plot import SensitivityPlots
+from widgets.publish import run_slot
 from workbench.errors import WorkbenchError
 from workbench.events import StageEvent
 
@@ -53,6 +54,10 @@ class SensitivityPanel:
         try:
             spec = self.technique()
             model = self.app.model_panel.model()
+            if getattr(self.app, "policy", None) is not None:  # the publisher's lock
+                from workbench.publish import check_sensitivity
+
+                check_sensitivity(self.app.policy, model, self.tokens.value)
         except ValueError as e:
             self.status.value = error_html(str(e))
             return False
@@ -69,8 +74,10 @@ class SensitivityPanel:
         analyzer = self.analyzer or analyze
         self.button.disabled = True
         try:
-            report = analyzer(model, spec, eval_tokens=self.tokens.value, on_event=self._on_event,
-                              should_stop=lambda: self.app.stop_requested)
+            with run_slot(getattr(self.app, "slots", None), lambda: self.app.stop_requested,
+                          lambda message: setattr(self.status, "value", html.escape(message))) as admitted:
+                report = analyzer(model, spec, eval_tokens=self.tokens.value, on_event=self._on_event,
+                                  should_stop=lambda: self.app.stop_requested) if admitted else None
             if report is not None:
                 self.last_report = report
                 self.show(report)

@@ -11,7 +11,10 @@ from collections.abc import Sequence
 from typing import Any
 
 from workbench import logs
+from workbench.config import spell_fields
+from workbench.paths import STORE_HELP
 from workbench.distill_cli import add_distill_parser, cmd_distill
+from workbench.results_cli import add_results_parser, cmd_results
 from workbench.sweep_cli import add_sweep_parser, cmd_sweep
 
 EXIT_ERROR, EXIT_USAGE, EXIT_STOPPED = 1, 2, 130
@@ -28,6 +31,11 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def flags_in(message: str, cls: type) -> str:
+    """`message` with `cls`'s field names written as the flags the user typed (max_new_tokens -> --max-new-tokens)."""
+    return spell_fields(message, cls, _flag)
+
+
 def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, skip: Sequence[str] = ()) -> None:
     """One flag per dataclass field: type, choices and help from the field; unset flags keep the default."""
     hints = typing.get_type_hints(cls)
@@ -41,8 +49,11 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, skip: Se
         types = [a for a in (typing.get_args(hints[f.name]) or (hints[f.name],)) if a is not type(None)]
         if types == [bool]:
             flag = _flag(f.name) if not f.default else "--no-" + f.name.replace("_", "-")
+            text = meta.get("help", "")
+            if f.default:  # a --no-FLAG turns the field off: its help says what that does, not what "on" does
+                text = meta.get("help_off") or f"Turn this off (it is on by default): {text}"
             group.add_argument(flag, dest=f.name, action="store_false" if f.default else "store_true",
-                               default=argparse.SUPPRESS, help=meta.get("help", ""))
+                               default=argparse.SUPPRESS, help=text)
             continue
         group.add_argument(_flag(f.name), dest=f.name, type=types[0], choices=meta.get("choices"),
                            default=argparse.SUPPRESS, help=help_text,
@@ -71,7 +82,7 @@ def _run_parser(sub: Any) -> None:
     t.add_argument("--prune", action=_TechniqueAction, const="prune", metavar="SPEC",
                    help="pruning technique NAME or NAME:key=value,... (repeatable, applied in order)")
     o = p.add_argument_group("Output")
-    o.add_argument("--store", default=None, help="results database (default: workbench-results.sqlite here)")
+    o.add_argument("--store", default=None, help=STORE_HELP)
     o.add_argument("--no-store", action="store_true", help="do not record this run")
     o.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
 
@@ -97,40 +108,53 @@ def _config_from_args(args: argparse.Namespace):  # -> RunConfig
     return dataclass_from_args(RunConfig, args, techniques=tuple(specs))
 
 
-def _progress_printer(enabled: bool):
-    """An on_event that narrates stages on stderr (the result itself goes to stdout)."""
+def _progress_printer(enabled: bool, every_s: float = 5.0):
+    """An on_event that narrates stages on stderr (the result itself goes to stdout): each start, and a stage's
+    progress (tokens done, time left) when it has been quiet for `every_s` seconds (its first progress at once)."""
     from workbench.events import StageEvent
 
+    last: dict[str, float] = {}
+
     def on_event(event: Any) -> None:
-        if not enabled:
+        if not enabled or not isinstance(event, StageEvent):
             return
-        if isinstance(event, StageEvent) and event.state == "start":
+        if event.state == "start":
+            last[event.stage] = float("-inf")
+            print(f"[{event.elapsed_s:6.1f}s] {event.stage}: {event.message}", file=sys.stderr, flush=True)
+        elif event.state == "progress" and event.message and \
+                event.elapsed_s - last.get(event.stage, float("-inf")) >= every_s:
+            last[event.stage] = event.elapsed_s
             print(f"[{event.elapsed_s:6.1f}s] {event.stage}: {event.message}", file=sys.stderr, flush=True)
     return on_event
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     from workbench.cli_interrupt import stop_on_ctrl_c
-    from workbench.errors import WorkbenchError
+    from workbench.config import RunConfig
+    from workbench.errors import ConfigError, InsufficientMemory, WorkbenchError
     from workbench.report import format_result
     from workbench.runner import run
-    from workbench.store import DEFAULT_PATH, Store
+    from workbench.store import Store
 
     try:
         config = _config_from_args(args)
     except ValueError as e:
-        return _usage(args.prog, str(e))
+        return _usage(args.prog, flags_in(str(e), RunConfig))
     store = None
     try:
         with stop_on_ctrl_c("stopping after the current token") as stop:
-            store = None if args.no_store else Store(args.store or DEFAULT_PATH)
+            store = None if args.no_store else Store(args.store)
             result = run(config, _progress_printer(not args.json), stop)
+    except (ConfigError, InsufficientMemory) as e:  # refused before anything was loaded: nothing to store
+        return _usage(args.prog, flags_in(str(e), RunConfig))
     except WorkbenchError as e:
         if store is not None:
             store.add_error(config, str(e))
-        return _fail(str(e), args.json, config)
+        return _fail(flags_in(str(e), RunConfig), args.json, config)
     if store is not None:
         result = result.with_id(store.add(result))
+        if not args.json:
+            print(f"stored as run {result.run_id} in {store.path}", file=sys.stderr, flush=True)
     print(result.to_json() if args.json else format_result(result), flush=True)
     return EXIT_STOPPED if result.status == "stopped" else 0
 
@@ -171,28 +195,6 @@ def cmd_techniques(args: argparse.Namespace) -> int:
     print(table([(r["name"], r["kind"], "yes" if r["available"] else f"no: {r['reason']}",
                   "simulated" if r["simulated"] else "real", r["signature"]) for r in rows],
                 ("name", "kind", f"runs on {rows[0]['device'] if rows else args.device}", "effect", "parameters")))
-    return 0
-
-
-def cmd_results(args: argparse.Namespace) -> int:
-    from workbench.errors import StoreError
-    from workbench.report import format_result, format_summaries
-    from workbench.store import DEFAULT_PATH, Store
-
-    try:
-        store = Store(args.store or DEFAULT_PATH)
-        if args.show is not None:
-            result = store.get(args.show)
-            print(result.to_json(indent=1) if args.json else format_result(result))
-        elif args.csv is not None:
-            frame = store.dataframe()
-            frame.to_csv(sys.stdout if args.csv == "-" else args.csv, index=False)
-        elif args.json:
-            print(json.dumps([r.to_dict() | {"run_id": r.run_id} for r in store.results(status=None)]))
-        else:
-            print(format_summaries(store.summaries(limit=args.limit)) or "no runs stored yet")
-    except StoreError as e:
-        return _fail(str(e), False)
     return 0
 
 
@@ -244,12 +246,17 @@ def _sensitivity_parser(sub: Any) -> None:
 
 
 def cmd_dashboard(args: argparse.Namespace) -> int:
-    from workbench.dashboard import DashboardConfig, local_url, serve
+    from workbench.dashboard import DashboardConfig, check_defaults, local_url, serve, server_token
+    from workbench.publish import PublishPolicy
 
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(DashboardConfig) if hasattr(args, f.name)}
+    caps = {f.name: getattr(args, f.name) for f in dataclasses.fields(PublishPolicy) if hasattr(args, f.name)}
     defaults: dict[str, Any] = {}
     try:
         config = DashboardConfig(**given)
+        if caps and not config.locked:
+            raise ValueError(f"{_flag(next(iter(caps)))} sets the publisher's lock, which is off here: add --lock")
+        policy = PublishPolicy(**caps) if config.locked else None
         for item in args.set or []:
             key, eq, raw = item.partition("=")
             if not eq:
@@ -261,10 +268,37 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
         from workbench.config import RunConfig
 
         RunConfig(**{k: v for k, v in defaults.items() if k != "techniques"})
+        check_defaults(policy, defaults)
     except (ValueError, TypeError) as e:
         return _usage(args.prog, str(e))
-    print(f"dashboard: {local_url(config)}  (Ctrl-C to stop)", flush=True)
-    return serve(config, defaults)
+    token = server_token(config)
+    print(f"dashboard: {local_url(config, token)}  (Ctrl-C to stop)", flush=True)
+    if config.published and not config.needs_token:
+        print("warning: published without a token: every visitor who reaches this port gets the app; only do "
+              "this behind a proxy that authenticates", file=sys.stderr, flush=True)
+    if policy is not None:
+        print(f"locked: models {', '.join(policy.models)}; batch <= {policy.max_batch_size}, new tokens <= "
+              f"{policy.max_new_tokens}; files under {policy.root}", flush=True)
+    return serve(config, defaults, policy, token)
+
+
+def _dashboard_parser(sub: Any) -> None:
+    from workbench.dashboard import DashboardConfig
+    from workbench.publish import PublishPolicy
+
+    d = sub.add_parser("dashboard", help="serve the app as a Voila dashboard (127.0.0.1 unless told otherwise)",
+                       description="Serve the app with Voila. On 127.0.0.1 it is yours alone; on any other "
+                       "address it is published: a token is required and the publisher's lock is on by default.")
+    add_dataclass_arguments(d, DashboardConfig, skip=("token", "lock"))
+    p = d.add_argument_group("Publishing")
+    for name in ("token", "lock"):
+        p.add_argument(_flag(name), dest=name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                       help=DashboardConfig.__dataclass_fields__[name].metadata["help"])
+    add_dataclass_arguments(d, PublishPolicy, skip=("models", "root"))
+    d.add_argument("--models", dest="models", default=argparse.SUPPRESS, metavar="LIST",
+                   help=PublishPolicy.__dataclass_fields__["models"].metadata["help"])
+    d.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="starting value of a run setting in the app, e.g. --set threads=1 --set max_new_tokens=64")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -283,21 +317,11 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("techniques", help="list techniques, their parameters, and whether they run here")
     t.add_argument("--device", default="auto", help="device to check against (default: auto)")
     t.add_argument("--json", action="store_true")
-    r = sub.add_parser("results", help="list stored runs, or export them")
-    r.add_argument("--store", default=None, help="results database (default: workbench-results.sqlite)")
-    r.add_argument("--csv", nargs="?", const="-", default=None, metavar="PATH", help="export CSV (to stdout or PATH)")
-    r.add_argument("--json", action="store_true", help="export every stored result as a JSON list")
-    r.add_argument("--show", type=int, default=None, metavar="ID", help="one run in full")
-    r.add_argument("--limit", type=int, default=50, help="rows listed (default 50)")
+    add_results_parser(sub)
     _sensitivity_parser(sub)
     add_sweep_parser(sub)
     add_distill_parser(sub)
-    from workbench.dashboard import DashboardConfig
-
-    d = sub.add_parser("dashboard", help="serve the app as a Voila dashboard (127.0.0.1 unless told otherwise)")
-    add_dataclass_arguments(d, DashboardConfig)
-    d.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="starting value of a run setting in the app, e.g. --set threads=1 --set max_new_tokens=64")
+    _dashboard_parser(sub)
     b = sub.add_parser("build-reference", help="rebuild the `tiny` reference model from the stdlib docs")
     b.add_argument("--out", default="build/tiny", help="output folder (default: build/tiny)")
     add_dataclass_arguments(b, Recipe)

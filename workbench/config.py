@@ -7,6 +7,7 @@ import json
 import re
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -82,6 +83,20 @@ def check_fields(obj: Any) -> None:
         check_field(obj, f)
 
 
+# A one-word field name is a setting only as a sentence's first word ("model must be ..."), before "=" or ">=",
+# or after "either"; elsewhere ("the model's context") it is an ordinary word.
+_AS_SETTING = r"(?:^{0}(?=\s)|(?<![\w-]){0}(?=\s*>?=)|(?<=either ){0}(?!\w))"
+
+
+def spell_fields(message: str, cls: type, spell: Callable[[str], str]) -> str:
+    """`message` with `cls`'s field names as the user sees them: `spell("max_new_tokens")` is a CLI flag
+    (`--max-new-tokens`) or a widget's label (`max new tokens`)."""
+    for name in sorted((f.name for f in dataclasses.fields(cls)), key=len, reverse=True):
+        pattern = rf"(?<![\w-]){name}(?!\w)" if "_" in name else _AS_SETTING.format(name)
+        message = re.sub(pattern, lambda _: spell(name), message)
+    return message
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """One inference run: the model, how it is executed and measured, and which techniques apply."""
@@ -144,7 +159,9 @@ class RunConfig:
                                          "each NAME or NAME:key=value,... (see `workbench techniques`).",
                                          group="Techniques")
     token_events: bool = option(True, "Emit an event per generated token (live plots); off to "
-                                "measure without it.", group="Measurement")
+                                "measure without it.", group="Measurement",
+                                help_off="Emit no per-token events (no live per-token plot), to measure without "
+                                "their cost.")
     seed: int = option(0, "Random seed (random-weight presets, sampled prompts).", group="Workload",
                        minimum=0)
 
@@ -170,7 +187,7 @@ class RunConfig:
                                                          else self.techniques))
         from workbench.techniques import normalize_specs
 
-        object.__setattr__(self, "techniques", normalize_specs(self.techniques, self.dtype))
+        object.__setattr__(self, "techniques", normalize_specs(self.techniques, self.dtype, self.device))
 
     def _check_parallelism(self) -> None:
         """Settings that exclude each other, refused with the reason."""

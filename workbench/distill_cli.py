@@ -60,9 +60,9 @@ def _progress(enabled: bool) -> Callable[[Any], None]:
 
 
 def progress_line(event: Any, best_loss: float) -> str:
-    """`step 50/200  loss 3.81  KL 0.41  held-out ppl 40.1 (best 39.8)  2,412 tok/s` for a TrainEvent."""
+    """`step 50/200  loss 3.81  KL 0.41  held-out perplexity 40.1 (best 39.8)  2,412 tok/s` for a TrainEvent."""
     kl = f"  KL {event.kl:.3f}" if event.kl is not None else ""
-    return (f"step {event.step}/{event.steps}  loss {event.loss:.3f}{kl}  held-out ppl "
+    return (f"step {event.step}/{event.steps}  loss {event.loss:.3f}{kl}  held-out perplexity "
             f"{math.exp(event.heldout_loss):.2f} (best {math.exp(best_loss):.2f})  {event.tokens_per_s:,.0f} tok/s")
 
 
@@ -81,7 +81,7 @@ def format_distill(r: DistillResult) -> str:
     rows = [(f"teacher ({r.config.teacher})", f"{r.teacher_params / 1e6:.2f} M", f"{r.teacher_perplexity:.2f}"),
             ("student before training", f"{r.student_params / 1e6:.2f} M", f"{r.start_perplexity:.2f}"),
             (f"distilled (best: step {r.best_step})", f"{r.student_params / 1e6:.2f} M", f"{r.final_perplexity:.2f}")]
-    lines = [table(rows, ("model", "params", "held-out ppl")), ""]
+    lines = [table(rows, ("model", "params", "held-out perplexity")), ""]
     recovered = r.recovered
     if recovered is not None:
         lines.append(f"recovered {recovered:.0%} of the held-out log-perplexity the student had lost")

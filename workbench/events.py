@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -80,6 +81,37 @@ class TrainEvent:
 
 Event = StageEvent | TokenEvent | RepeatEvent | MetricEvent | WarningEvent | TrainEvent
 OnEvent = Callable[[Any], None]
+
+
+class TokenProgress:
+    """Throttled progress StageEvents of a long stage: "tokens done / total, elapsed, time left".
+
+    With `ends` the first update is sent at once (for generation: the prompt's forward is done) and the last
+    (done == total) always; in between, and without `ends` throughout, at most one per `every_s`. `fraction`
+    fixes the events' fraction (e.g. the measure stage's share of timed runs) instead of done / total.
+    """
+
+    def __init__(self, stage: Callable[..., None], name: str, total: int, *, prefix: str = "",
+                 every_s: float = 1.0, fraction: float | None = None, ends: bool = True) -> None:
+        self.stage, self.name, self.total, self.prefix, self.every_s = stage, name, max(1, total), prefix, every_s
+        self.fraction, self.ends = fraction, ends
+        self.started = time.perf_counter()
+        self.last = float("-inf") if ends else self.started
+
+    def for_steps(self, offset: int, per_step: int) -> Callable[[int, float], None]:
+        """A generate progress callback: after `steps` tokens per row, `offset + steps * per_step` are done."""
+        return lambda steps, _elapsed: self.update(offset + steps * per_step)
+
+    def update(self, done: int) -> None:
+        """`done` of `total` tokens are through."""
+        now = time.perf_counter()
+        if not (self.ends and done >= self.total) and now - self.last < self.every_s:
+            return
+        self.last = now
+        elapsed = now - self.started
+        left = elapsed / done * (self.total - done) if done else float("nan")
+        self.stage(self.name, "progress", f"{self.prefix}{done:,}/{self.total:,} tokens, {elapsed:.0f} s elapsed, "
+                   f"about {left:.0f} s left", self.fraction if self.fraction is not None else done / self.total)
 
 
 def no_event(event: Any) -> None:

@@ -31,3 +31,29 @@ def students_dir() -> Path:
     path = Path(root).expanduser() if root else cache_dir() / "students"
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+STORE_ENV = "WORKBENCH_STORE"
+STORE_NAME = "results.sqlite"
+
+
+def data_dir() -> Path:
+    """The workbench's data folder: `$XDG_DATA_HOME/workbench`, else `~/.local/share/workbench` (not created here)."""
+    root = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return Path(root) / "workbench"
+
+
+def default_store() -> Path:
+    """The one results store every entry point uses unless told otherwise: `$WORKBENCH_STORE`, else
+    `results.sqlite` in the data folder. Not created here (a store file appears with its first run)."""
+    explicit = os.environ.get(STORE_ENV)
+    return Path(explicit).expanduser() if explicit else data_dir() / STORE_NAME
+
+
+def store_path(given: str | os.PathLike[str] | None = None) -> Path:
+    """`given` (a `--store` flag, a `store_path` argument) when set, else the default store."""
+    return Path(given).expanduser() if given else default_store()
+
+
+STORE_HELP = ("results database (default: $WORKBENCH_STORE if set, else results.sqlite in $XDG_DATA_HOME/workbench, "
+              "i.e. ~/.local/share/workbench/results.sqlite)")

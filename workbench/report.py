@@ -121,7 +121,7 @@ def format_summaries(rows: list[dict[str, Any]]) -> str:
              _num(r["decode_tokens_per_s"], ".1f"), _num(r["ttft_ms_p50"], ".1f"), human_bytes(r["weights_bytes"]),
              _num(r["perplexity"]), _num(r["kl_vs_baseline"], ".4f"), (r["error"] or "")[:60]) for r in rows]
     return table(body, ("id", "when (UTC)", "status", "model", "dtype", "techniques", "decode tok/s", "TTFT ms",
-                        "weights", "ppl", "KL", "error"))
+                        "weights", "perplexity", "KL", "error"))
 
 
 def format_sensitivity(report) -> str:  # SensitivityReport

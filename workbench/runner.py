@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import gc
 import logging
+import os
 import time
 import traceback
 from collections.abc import Callable
@@ -15,7 +16,8 @@ import torch
 
 from workbench.config import RunConfig
 from workbench.errors import ConfigError, RunFailed, WorkbenchError
-from workbench.events import MetricEvent, OnEvent, RepeatEvent, StageEvent, WarningEvent, never_stop, no_event
+from workbench.events import (MetricEvent, OnEvent, RepeatEvent, StageEvent, TokenProgress, WarningEvent,
+                              never_stop, no_event)
 from workbench.execution import resolve_device, set_interop_threads, threads
 from workbench.generation import Generation, Generator
 from workbench.measure import baseline as baseline_cache
@@ -23,22 +25,30 @@ from workbench.measure import env as envinfo
 from workbench.measure.accuracy import (Baseline, EvalWindows, decode_consistency, evaluate, greedy_match,
                                         make_windows)
 from workbench.measure.latency import decode_tokens_per_s, latency_warnings, summarize
-from workbench.measure.memory import (GpuPeak, HostPeak, available_bytes, host_rss, memory_stats, parameter_count,
-                                     weight_bytes)
+from workbench.measure.memory import (GpuPeak, HostPeak, available_bytes, check_fits, estimate_run, host_rss,
+                                     memory_stats, parameter_count, weight_bytes)
 from workbench.measure.roofline import bytes_per_step, memory_bandwidth, roofline
-from workbench.models.loader import Loaded, check_fits, estimate, load_model
-from workbench.models.sources import fingerprint, resolve
+from workbench.models.loader import Loaded, count_params, kv_bytes_per_token, load_model
+from workbench.models.sources import TORCH_DTYPES, fingerprint, resolve
 from workbench.parallel.coordinator import Coordinator
 from workbench.parallel.placement import Placement, parse_device_map, parse_max_memory, place
 from workbench.result import (AccuracyStats, LatencyStats, ModelInfo, ParallelInfo, RankInfo,
                               RepeatTiming, RunResult, TechniqueRecord)
 from workbench.techniques import apply_techniques, check_combination
-from workbench.textio import build_prompts, heldout_ids
+from workbench.textio import build_prompts, heldout_ids, tokenizer_limit_warning
 
 logger = logging.getLogger(__name__)
 # Below this share of decoded tokens in the top 10 of one forward over the same text, the decode path is wrong.
 DECODE_CONSISTENCY_MIN = 0.5
 DECODE_WRONG = "decode looks wrong"
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask, which containers and taskset narrow)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        return os.cpu_count() or 1
 
 
 def decode_looks_wrong(result: RunResult) -> bool:
@@ -53,6 +63,8 @@ def _is_oom(error: BaseException) -> bool:
 
 class _Run:
     """One run's state; each stage is a method, and `result()` assembles whatever was reached."""
+
+    NARRATE_EVERY_S = 5.0  # progress of a long timed call or evaluation: at most one event this often
 
     def __init__(self, config: RunConfig, on_event: OnEvent, should_stop: Callable[[], bool],
                  coordinator: Coordinator | None = None) -> None:
@@ -100,10 +112,13 @@ class _Run:
         self.source = resolve(cfg.model)
         self.device = resolve_device(cfg.device)
         check_combination(cfg.techniques, self.device)
+        from workbench.models.checks import check_causal_lm, check_techniques_fit
         from workbench.models.loader import load_tokenizer
         from workbench.models.sources import load_config
 
         model_config = load_config(self.source, cfg.trust_remote_code)
+        check_causal_lm(model_config, cfg.model)  # an encoder (BERT) would load as garbage-generating LMHead
+        check_techniques_fit(model_config, cfg.techniques, cfg.model, cfg.trust_remote_code)
         self.tokenizer = load_tokenizer(self.source, cfg.trust_remote_code)
         text_config = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
         self.max_positions = getattr(text_config, "max_position_embeddings", None) or 1 << 20
@@ -112,22 +127,36 @@ class _Run:
         if total > self.max_positions:
             raise ConfigError(f"prompt ({len(self.prompt_ids[0])} tokens) + max_new_tokens ({cfg.max_new_tokens}) "
                               f"= {total} exceeds the model's context of {self.max_positions} tokens")
+        limit_warning = tokenizer_limit_warning(self.tokenizer, total, self.max_positions)
+        if limit_warning and not self.source.random_weights:  # presets borrow the reference tokenizer
+            self.warn(limit_warning)
         self.want_accuracy = cfg.eval_tokens > 0 and not self.source.random_weights
         self.windows: EvalWindows | None = None
         if self.want_accuracy:
             self.windows = make_windows(heldout_ids(self.tokenizer), min(cfg.eval_context, self.max_positions),
                                         cfg.eval_tokens)
-        est = estimate(self.source, dtype=cfg.dtype, batch=len(self.prompt_ids), tokens=total,
-                       eval_batch_tokens=8 * (self.windows.context if self.windows else 0),
-                       trust_remote_code=cfg.trust_remote_code)
+        est = estimate_run(text_config, params=count_params(model_config, cfg.trust_remote_code),
+                           dtype_bytes=TORCH_DTYPES[cfg.dtype].itemsize,
+                           kv_per_token=kv_bytes_per_token(model_config, cfg.dtype), batch=len(self.prompt_ids),
+                           prompt_tokens=len(self.prompt_ids[0]), new_tokens=cfg.max_new_tokens,
+                           eval_batch_tokens=8 * (self.windows.context if self.windows else 0),
+                           eager=cfg.attn_implementation == "eager")
         if not cfg.device_map:  # a device map is there precisely to run what does not fit in one place
-            check_fits(est, available_bytes(self.device), "the GPU" if self.device.type == "cuda" else "this machine",
-                       cfg.batch_size)
+            check_fits(est, available_bytes(self.device), "the GPU" if self.device.type == "cuda" else "this machine")
+        self.warn_threads()
         if self.source.random_weights:
             self.warn("random weights (preset): speed and memory only; accuracy is not measured", "accuracy")
         problem = set_interop_threads(cfg.interop_threads)
         if problem:
             self.warn(problem)
+
+    def warn_threads(self) -> None:
+        """Warn when more intra-op threads are asked for than this process has CPU cores."""
+        cores = usable_cores()
+        if self.config.threads and self.config.threads > cores:
+            self.warn(f"threads {self.config.threads} is more than the {cores} CPU cores this process may use: the "
+                      "threads take turns on the cores, so the timings are slower and noisier than they would be "
+                      f"with {cores} threads")
 
     def load_baseline(self) -> None:
         """The unmodified model's predictions: from the cache, or computed once (not timed)."""
@@ -191,9 +220,11 @@ class _Run:
                                    self.stop_requested)
 
     # ------------------------------------------------------------------ generation
-    def generate_once(self, phase: str, repeat: int) -> RepeatTiming:
+    def generate_once(self, phase: str, repeat: int, progress: Callable[[int, float], None] | None = None,
+                      interruptible: bool = False) -> RepeatTiming:
         """One timed call; keeps the first complete one's tokens and the KV cache's size."""
-        gen = self.generator.generate(phase, repeat, want_cache=self.kv_bytes is None)
+        gen = self.generator.generate(phase, repeat, want_cache=self.kv_bytes is None, progress=progress,
+                                      interruptible=interruptible)
         if self.cold_start_s is None:
             self.cold_start_s = gen.timing.e2e_ms / 1e3
         if gen.kv_bytes is not None:
@@ -206,13 +237,7 @@ class _Run:
         cfg = self.config
         with HostPeak() as host, GpuPeak(self.device) as gpu:
             if cfg.warmup:
-                self.stage("warmup", "start", f"{cfg.warmup} untimed run(s)" + (" (compiling)" if cfg.compile else ""))
-                for i in range(cfg.warmup):
-                    if self.stop_requested():
-                        break
-                    self.generate_once("warmup", i)
-                    self.stage("warmup", "progress", fraction=(i + 1) / cfg.warmup)
-                self.stage("warmup", "end")
+                self.warm_up()
             if not self.stopped:
                 self.coord.barrier()  # distributed ranks start measuring together, so their throughputs overlap
                 cpu0, wall0 = psutil.Process().cpu_times(), time.perf_counter()
@@ -222,12 +247,31 @@ class _Run:
                 self.busy = used / (wall * torch.get_num_threads()) if wall > 0 else None
         self.memory.update(peak_host_bytes=host.peak, run_gpu=gpu.peaks)
 
+    def warm_up(self) -> None:
+        """The untimed runs, narrated token by token (a big batch can take minutes) and stoppable inside a forward."""
+        cfg, batch = self.config, len(self.prompt_ids)
+        self.stage("warmup", "start", f"{cfg.warmup} untimed run(s) of batch {batch} x {len(self.prompt_ids[0])} "
+                   f"prompt + {cfg.max_new_tokens} new tokens" + (" (compiling)" if cfg.compile else ""))
+        # Layer hooks would be traced into a compiled graph, and a distributed stop check is a collective.
+        interruptible = not cfg.compile and self.coord.world_size == 1
+        progress = TokenProgress(self.stage, "warmup", cfg.warmup * cfg.max_new_tokens * batch)
+        for i in range(cfg.warmup):
+            if self.stop_requested():
+                break
+            self.generate_once("warmup", i, progress.for_steps(i * cfg.max_new_tokens * batch, batch), interruptible)
+        self.stage("warmup", "end")
+
     def measure(self) -> None:
         cfg, batch = self.config, len(self.prompt_ids)
         self.stage("measure", "start", f">= {cfg.repeats} runs and >= {cfg.min_duration_s:g} s")
         partial: RepeatTiming | None = None
+        fraction = 0.0
         while not self.stop_requested():
-            timing = self.generate_once("measure", len(self.samples))
+            # a timed call of a big batch can take minutes: narrated every few seconds (a quick one never is)
+            progress = TokenProgress(self.stage, "measure", cfg.max_new_tokens * batch, fraction=fraction,
+                                     prefix=f"timed run {len(self.samples) + 1}: ", every_s=self.NARRATE_EVERY_S,
+                                     ends=False)
+            timing = self.generate_once("measure", len(self.samples), progress.for_steps(0, batch))
             if self.stopped and len(timing.token_ms) < cfg.max_new_tokens:
                 partial = timing
                 break
@@ -253,12 +297,24 @@ class _Run:
         if not self.want_accuracy or self.windows is None:
             return
         self.stage("evaluate", "start", f"{self.windows.scored_tokens} held-out tokens")
-        acc = evaluate(self.loaded.model, self.windows, self.device, self.baseline, self.stop_requested)
+        acc = evaluate(self.loaded.model, self.windows, self.device, self.baseline, self.narrated_stop("evaluate"))
         if acc is not None:
             match = greedy_match(self.first.rows[0], self.baseline_greedy) if self.baseline_greedy and self.first else None
             self.accuracy = AccuracyStats(**{**acc.__dict__, "greedy_match_vs_baseline": match})
             self.on_event(MetricEvent("accuracy", self.accuracy))
         self.stage("evaluate", "end")
+
+    def narrated_stop(self, stage: str, batch_windows: int = 8) -> Callable[[], bool]:
+        """`stop_requested` for a loop over evaluation windows that polls it after each batch of windows: each
+        poll also narrates the held-out tokens scored so far (throttled)."""
+        rows, total = self.windows.ids.shape[0], self.windows.scored_tokens
+        progress, polls = TokenProgress(self.stage, stage, total, every_s=self.NARRATE_EVERY_S, ends=False), [0]
+
+        def should_stop() -> bool:
+            polls[0] += 1
+            progress.update(min(rows, polls[0] * batch_windows) * total // rows)
+            return self.stop_requested()
+        return should_stop
 
     def check_decode(self) -> None:
         """Warn when the tokens decoded one at a time disagree with one uncompiled forward over the same text."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -12,9 +13,9 @@ from typing import Any
 
 from workbench.config import RunConfig
 from workbench.errors import StoreError
+from workbench.paths import STORE_ENV, default_store, store_path
 from workbench.result import RunResult
 
-DEFAULT_PATH = "workbench-results.sqlite"
 SCHEMA_VERSION = 1
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS workbench_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -51,14 +52,39 @@ def config_hash(config: RunConfig) -> str:
 
 
 class Store:
-    """A results database. Opening a file that is not one (or is corrupt) raises StoreError; it is never recreated."""
+    """A results database. Opening a file that is not one (or is corrupt) raises StoreError; it is never recreated.
 
-    def __init__(self, path: str | Path = DEFAULT_PATH) -> None:
-        self.path = Path(path)
+    `path` None means the one default store (`$WORKBENCH_STORE`, else `results.sqlite` in the workbench's data
+    folder). A missing file is created with the first run added, never by reading: a missing store has no runs.
+    """
+
+    def __init__(self, path: str | Path | None = None) -> None:
+        self.path = store_path(path)
+        # Only the per-user data folder is made on demand; a folder someone named must already exist.
+        self._make_folder = not path and not os.environ.get(STORE_ENV)
+        self._ready = False
         if self.path.is_dir():
-            raise StoreError(f"results store {str(self.path)!r} is a folder; give a file name such as {DEFAULT_PATH}")
-        if not self.path.parent.exists():
+            raise StoreError(f"results store {str(self.path)!r} is a folder; give a file name such as "
+                             f"{default_store().name}")
+        if not self._make_folder and not self.path.parent.exists():
             raise StoreError(f"results store {str(self.path)!r}: folder {str(self.path.parent)!r} does not exist")
+        if self.path.exists():
+            self._check_and_init()
+
+    def exists(self) -> bool:
+        """True once the store file exists (its first run was added, or it was made elsewhere)."""
+        return self.path.exists()
+
+    def _ensure(self) -> None:
+        """Create the file (and the default data folder) before the first write."""
+        if self._ready:
+            return
+        if self._make_folder:
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise StoreError(f"cannot create the results folder {str(self.path.parent)!r}: {e.strerror}; "
+                                 "pass --store or set WORKBENCH_STORE to use another file") from None
         self._check_and_init()
 
     @contextmanager
@@ -91,6 +117,7 @@ class Store:
             with conn:
                 conn.executescript(_SCHEMA)
                 conn.execute("INSERT OR IGNORE INTO workbench_meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+        self._ready = True
 
     def add(self, result: RunResult) -> int:
         """Store one finished (or stopped) run in one transaction; return its id."""
@@ -122,12 +149,15 @@ class Store:
     def _insert(self, row: dict[str, Any]) -> int:
         cols = ", ".join(row)
         marks = ", ".join("?" for _ in row)
+        self._ensure()
         with self._connect() as conn, conn:  # one transaction: all of the row or none of it
             cur = conn.execute(f"INSERT INTO runs ({cols}) VALUES ({marks})", tuple(row.values()))
             return int(cur.lastrowid)
 
     def get(self, run_id: int) -> RunResult:
         """The full result of one stored run (errors have no result: StoreError)."""
+        if not self.exists():
+            raise StoreError(f"no run {run_id} in {str(self.path)!r}: no runs yet")
         with self._connect() as conn:
             row = conn.execute("SELECT result_json, status, error FROM runs WHERE id=?", (run_id,)).fetchone()
         if row is None:
@@ -143,6 +173,8 @@ class Store:
         if status:
             sql, args = sql + " WHERE status=?", (status,)
         sql += " ORDER BY id DESC" + (f" LIMIT {int(limit)}" if limit else "")
+        if not self.exists():
+            return []
         with self._connect() as conn:
             return [dict(zip(SUMMARY_COLUMNS, r)) for r in conn.execute(sql, args)]
 
@@ -152,12 +184,16 @@ class Store:
         args: tuple = ()
         if status:
             sql, args = sql + " AND status=?", (status,)
+        if not self.exists():
+            return []
         with self._connect() as conn:
             rows = conn.execute(sql + " ORDER BY id", args).fetchall()
         return [RunResult.from_dict(json.loads(js)).with_id(rid) for rid, js in rows]
 
     def hashes(self, status: str = "ok") -> set[str]:
         """Config hashes of stored runs with this status (what a sweep can skip)."""
+        if not self.exists():
+            return set()
         with self._connect() as conn:
             return {r[0] for r in conn.execute("SELECT config_hash FROM runs WHERE status=?", (status,))}
 
@@ -165,8 +201,10 @@ class Store:
         """One row per run, nested result keys flattened with dots (per-token samples left out)."""
         import pandas as pd
 
-        with self._connect() as conn:
-            rows = conn.execute("SELECT id, status, error, config_json, result_json FROM runs ORDER BY id").fetchall()
+        rows = []
+        if self.exists():
+            with self._connect() as conn:
+                rows = conn.execute("SELECT id, status, error, config_json, result_json FROM runs ORDER BY id").fetchall()
         records = []
         for rid, status, error, config_json, result_json in rows:
             if result_json is None and not include_errors:

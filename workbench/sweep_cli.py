@@ -8,6 +8,7 @@ import sys
 from typing import Any
 
 from workbench.cli_interrupt import stop_on_ctrl_c
+from workbench.paths import STORE_HELP
 from workbench.store import Store, config_hash
 from workbench.sweep import SweepEvent, SweepReport, SweepSpec, run_sweep
 
@@ -40,7 +41,7 @@ def add_sweep_parser(sub: Any) -> None:
     s.add_argument("--axis", action="append", default=[], metavar="KEY=V1|V2",
                    help="one axis of the grid, values separated by '|'; a techniques value chains specs with '+', "
                    "'none' for no technique (repeatable; overrides the file)")
-    s.add_argument("--store", default=None, help="results database (default: workbench-results.sqlite here)")
+    s.add_argument("--store", default=None, help=STORE_HELP)
     s.add_argument("--isolate", action="store_true",
                    help="run each configuration in a fresh Python process (no memory or state carried over)")
     s.add_argument("--dry-run", action="store_true", help="list the configurations and which are stored; run nothing")
@@ -51,14 +52,13 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     """Validate the whole grid, then run (or list) it."""
     from workbench.cli import EXIT_ERROR, EXIT_STOPPED, _fail, _usage
     from workbench.errors import WorkbenchError
-    from workbench.store import DEFAULT_PATH
 
     try:
         spec = SweepSpec.from_sources(args.file, args.set, args.axis)
     except ValueError as e:
         return _usage(args.prog, str(e))
     try:
-        store = Store(args.store or DEFAULT_PATH)
+        store = Store(args.store)
         if args.dry_run:
             return _dry_run(spec, store, args.json)
         with stop_on_ctrl_c("stopping after the current token, then ending the sweep") as stopped:
@@ -71,7 +71,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def progress_line(event: SweepEvent) -> str:
-    """`[3/16] ok run 42: tiny fp32 sim:bits=4 — decode 412 tok/s, ppl 22.3`."""
+    """`[3/16] ok run 42: tiny fp32 sim:bits=4 — decode 412 tok/s, perplexity 22.3`."""
     head = f"[{event.index}/{event.total}] {event.status}"
     if event.status == "skipped":
         return f"{head}: {event.label} — already stored"
@@ -80,7 +80,7 @@ def progress_line(event: SweepEvent) -> str:
         return f"{head}: {event.label} — {event.message}"
     decode = "-" if event.decode_tokens_per_s is None else f"{event.decode_tokens_per_s:.0f}"
     ppl = "-" if event.perplexity is None else f"{event.perplexity:.1f}"
-    return f"{head}: {event.label} — decode {decode} tok/s, ppl {ppl}"
+    return f"{head}: {event.label} — decode {decode} tok/s, perplexity {ppl}"
 
 
 def _progress(event: Any) -> None:
@@ -124,7 +124,7 @@ def _format_report(report: SweepReport, rows: list[tuple[SweepEvent, Any]]) -> s
                      event.label, _num(m["decode_tokens_per_s"], ".1f"), _num(m["ttft_ms_p50"], ".1f"),
                      human_bytes(m["weights_bytes"]), _num(m["perplexity"], ".2f"), _num(m["kl_vs_baseline"], ".4f"),
                      event.message[:80]))
-    text = table(body, ("#", "status", "run", "configuration", "decode tok/s", "TTFT ms", "weights", "ppl", "KL",
+    text = table(body, ("#", "status", "run", "configuration", "decode tok/s", "TTFT ms", "weights", "perplexity", "KL",
                         "error"))
     return f"{text}\n{_totals(report)}"
 

@@ -51,11 +51,37 @@ def heldout_ids(tokenizer: Any) -> list[int]:
 
 
 def encode(tokenizer: Any, text: str) -> list[int]:
-    """Token ids of `text`, no special tokens added, no length warnings for long texts."""
+    """Token ids of `text`: no special tokens added, never truncated, no length warnings for long texts.
+
+    A tokenizer.json may switch truncation on (sentence encoders cut at 128 tokens), and the fast
+    backend applies it silently; it is switched off for this call. Lengths are checked against the
+    model's context by the caller, which says so when something does not fit.
+    """
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:
+    if backend is None:
+        return tokenizer(text, add_special_tokens=False, truncation=False, verbose=False)["input_ids"]
+    saved = backend.truncation  # None, or {max_length, stride, strategy, direction}
+    if saved is None:
         return backend.encode(text, add_special_tokens=False).ids
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+    backend.no_truncation()
+    try:
+        return backend.encode(text, add_special_tokens=False).ids
+    finally:
+        backend.enable_truncation(**saved)
+
+
+def tokenizer_limit_warning(tokenizer: Any, tokens: int, context: int) -> str | None:
+    """A warning when a run's `tokens` pass the tokenizer's declared model_max_length but fit the model's context.
+
+    Nothing is cut either way (see `encode`); the tokenizer's limit often marks the length the model was
+    trained on, so positions past it may be of lower quality.
+    """
+    limit = getattr(tokenizer, "model_max_length", None)
+    if not isinstance(limit, int) or limit >= context or tokens <= limit:
+        return None
+    return (f"the run uses {tokens} positions (prompt + new tokens), more than the tokenizer's model_max_length "
+            f"of {limit} (the model's context is {context}): nothing is truncated, but the model may not have "
+            "been trained on positions that far")
 
 
 def build_prompts(config: RunConfig, tokenizer: Any, vocab_size: int) -> list[list[int]]:

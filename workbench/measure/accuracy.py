@@ -5,9 +5,11 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
+from workbench.errors import ConfigError
 from workbench.result import AccuracyStats
 
 # Above this many (positions x vocab) entries the baseline keeps only its top-k log-probs plus a
@@ -47,7 +49,8 @@ def make_windows(ids: list[int], context: int, n_tokens: int, stride: int | None
     if not 1 <= stride <= context - 1:
         raise ValueError(f"evaluation stride must be in 1..{context - 1}, got {stride}")
     if len(ids) < context:
-        raise ValueError(f"held-out text has {len(ids)} tokens, fewer than the context of {context}")
+        raise ConfigError(f"the held-out text has {len(ids)} tokens with this tokenizer, fewer than the context of "
+                          f"{context} that evaluation needs; set eval_context to {len(ids)} or less")
     n_windows = min(max(1, math.ceil(n_tokens / stride)), (len(ids) - context) // stride + 1)
     rows = [ids[i * stride: i * stride + context] for i in range(n_windows)]
     return EvalWindows(torch.tensor(rows, dtype=torch.long), stride)

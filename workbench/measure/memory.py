@@ -246,3 +246,67 @@ def memory_stats(measured: dict[str, Any], weights: int | None, kv_cache: int | 
         idle_host_bytes=measured.get("idle_host_bytes"), gpu_used_bytes_nvml=run_gpu.nvml_used if run_gpu else None,
         load_peak_gpu_allocated_bytes=load_gpu.allocated if load_gpu else None,
         host_method=measured.get("host_method", ""))
+
+
+# ---------------------------------------------------------------- estimate before loading
+
+_GIB = 1 << 30
+
+
+@dataclass(frozen=True)
+class RunEstimate:
+    """Bytes a run needs at its peak, from the config alone (before anything is allocated).
+
+    Generation holds the weights, the KV cache of every row (prompt + new tokens), the prefill's largest
+    activations (MLP and attention scores of one layer, fp32 worst case) and the last position's logits
+    (the model's, generate's fp32 copy and the logits processors' copy: 3 x batch x vocab x 4 bytes).
+    Evaluation comes after generation has freed its cache, so the larger of the two counts.
+    """
+
+    weights: int
+    kv_cache: int
+    activations: int
+    logits: int
+    evaluation: int
+    batch: int
+    tokens: int
+    vocab: int
+
+    @property
+    def total(self) -> int:
+        """The peak: weights plus the larger of generation and evaluation."""
+        return self.weights + max(self.kv_cache + self.activations + self.logits, self.evaluation)
+
+
+def estimate_run(text_config: Any, *, params: int, dtype_bytes: int, kv_per_token: int, batch: int,
+                 prompt_tokens: int, new_tokens: int, eval_batch_tokens: int, eager: bool = False) -> RunEstimate:
+    """A run's peak memory from its model config (hidden/intermediate size, heads, vocabulary) and workload.
+
+    `eager` attention materialises one layer's (B, H, T, T) scores; sdpa's fused kernels do not.
+    """
+    tokens = prompt_tokens + new_tokens
+    width = max(text_config.hidden_size * 4, getattr(text_config, "intermediate_size", 0) or 0)
+    heads = text_config.num_attention_heads
+    mlp = batch * tokens * width * 4 * 3  # (B, T, I) fp32, three live at once (gate, up, activation)
+    scores = batch * heads * prompt_tokens * prompt_tokens * 4 if eager else 0  # (B, H, T, T) of one layer
+    vocab = text_config.vocab_size
+    return RunEstimate(weights=params * dtype_bytes, kv_cache=kv_per_token * batch * tokens,
+                       activations=mlp + scores, logits=3 * batch * vocab * 4,
+                       evaluation=eval_batch_tokens * vocab * 4 * 3, batch=batch, tokens=tokens, vocab=vocab)
+
+
+def check_fits(est: RunEstimate, available: int, where: str) -> None:
+    """Refuse (InsufficientMemory), with the numbers, a run whose estimate exceeds 90% of what is available."""
+    from workbench.errors import InsufficientMemory
+
+    if est.total <= 0.9 * available:
+        return
+    advice = ("the weights alone do not fit: use a lower-precision dtype, a smaller model, or --device-map auto "
+              "to offload layers to disk" if est.weights > 0.9 * available else
+              "lower --batch-size, the token counts, or the dtype")
+    raise InsufficientMemory(
+        f"this run needs about {est.total / _GIB:.1f} GiB on {where} (weights {est.weights / _GIB:.1f} GiB, "
+        f"KV cache {est.kv_cache / _GIB:.1f} GiB for batch {est.batch} x {est.tokens} tokens, activations "
+        f"{est.activations / _GIB:.1f} GiB, logits {est.logits / _GIB:.1f} GiB for batch {est.batch} x vocabulary "
+        f"{est.vocab} in fp32, evaluation {est.evaluation / _GIB:.1f} GiB) but only {available / _GIB:.1f} GiB is "
+        f"free; {advice}")

@@ -1,4 +1,4 @@
-"""Load a model and tokenizer from a source, and estimate a run's memory before allocating anything."""
+"""Load a model and tokenizer from a source; count parameters and KV bytes from its config alone."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from workbench.errors import InsufficientMemory, ModelSourceError
+from workbench.errors import ModelSourceError
 from workbench.models.sources import TINY_DIR, TORCH_DTYPES, ModelSource, _hub_kwargs, load_config
 
 logger = logging.getLogger(__name__)
@@ -93,6 +93,9 @@ def load_model(source: ModelSource, dtype: str, device: torch.device, *, trust_r
         with torch.device(device):
             model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype, attn_implementation=attn_implementation)
     else:
+        from workbench.models.checks import check_causal_lm
+
+        check_causal_lm(load_config(source, trust_remote_code), source.spec)  # before a weight is read
         kwargs: dict[str, Any] = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code,
                                   "attn_implementation": attn_implementation, **_hub_kwargs(source), **(extra or {})}
         if not allow_pickle:
@@ -123,21 +126,6 @@ def load_model(source: ModelSource, dtype: str, device: torch.device, *, trust_r
     return Loaded(model, load_tokenizer(source, trust_remote_code), source, device)
 
 
-@dataclass(frozen=True)
-class MemoryEstimate:
-    """Bytes a run needs, estimated from the config alone (before loading)."""
-
-    params: int
-    weights: int
-    kv_cache: int
-    activations: int
-
-    @property
-    def total(self) -> int:
-        """Everything added up."""
-        return self.weights + self.kv_cache + self.activations
-
-
 def kv_bytes_per_token(config: Any, dtype: str) -> int:
     """K and V of every layer for one token of one sequence."""
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
@@ -155,28 +143,3 @@ def count_params(config: Any, trust_remote_code: bool = False) -> int:
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     return sum(p.numel() for p in model.parameters())
-
-
-def estimate(source: ModelSource, *, dtype: str, batch: int, tokens: int, eval_batch_tokens: int,
-             trust_remote_code: bool = False) -> MemoryEstimate:
-    """Weights + KV cache for batch x tokens + the largest activations (prefill MLP, eval logits)."""
-    config = load_config(source, trust_remote_code)
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    params = count_params(config, trust_remote_code)
-    width = max(text.hidden_size * 4, getattr(text, "intermediate_size", 0) or 0)
-    activations = batch * tokens * width * 4 * 3 + eval_batch_tokens * text.vocab_size * 4 * 3
-    return MemoryEstimate(params, params * _BYTES[dtype], kv_bytes_per_token(config, dtype) * batch * tokens, activations)
-
-
-def check_fits(est: MemoryEstimate, available: int, where: str, batch: int) -> None:
-    """Refuse, with the numbers, a run whose estimate exceeds 90% of what is available."""
-    if est.total <= 0.9 * available:
-        return
-    gib = 1 << 30
-    advice = ("the weights alone do not fit: use a lower-precision dtype, a smaller model, or --device-map auto "
-              "to offload layers to disk" if est.weights > 0.9 * available else
-              "lower --batch-size, the token counts, or the dtype")
-    raise InsufficientMemory(
-        f"this run needs about {est.total / gib:.1f} GiB on {where} (weights {est.weights / gib:.1f} GiB, "
-        f"KV cache {est.kv_cache / gib:.1f} GiB for batch {batch}, activations {est.activations / gib:.1f} GiB) "
-        f"but only {available / gib:.1f} GiB is free; {advice}")

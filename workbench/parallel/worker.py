@@ -155,9 +155,9 @@ def _parse(argv: Sequence[str]) -> tuple[RunConfig, argparse.Namespace, dict[str
 def _standalone_output(result: Any, args: argparse.Namespace, out: Any) -> None:
     """Under torchrun: store the result (unless --no-store) and print it as one JSON object."""
     if not args.no_store:
-        from workbench.store import DEFAULT_PATH, Store
+        from workbench.store import Store
 
-        result = result.with_id(Store(args.store or DEFAULT_PATH).add(result))
+        result = result.with_id(Store(args.store).add(result))
     out.write(result.to_json() + "\n")
     out.flush()
 

@@ -53,24 +53,38 @@ def _combination_error(configs: list[TechniqueConfig], dtype: str) -> str | None
     return None
 
 
-def normalize_specs(specs: Iterable[str], dtype: str) -> tuple[str, ...]:
-    """Parse, validate and canonicalize technique specs; refuse impossible combinations (ValueError)."""
+def normalize_specs(specs: Iterable[str], dtype: str, device: str | None = None) -> tuple[str, ...]:
+    """Parse, validate and canonicalize technique specs; refuse impossible combinations (ValueError).
+
+    With the run's `device` spec, a combination problem (a dtype, an order) is reported only after
+    checking that every technique can run on that device at all: the blocking reason comes first, so
+    following the advice never leads to a second refusal. Valid combinations never look at the device
+    (a stored configuration from a GPU machine still loads on a CPU one).
+    """
     load_all()
     configs = [parse_spec(s) for s in specs]
     problem = _combination_error(configs, dtype)
     if problem:
+        if device is not None:
+            from workbench.execution import resolve_device
+
+            _check_devices(configs, resolve_device(device))
         raise ConfigError(problem)
     return tuple(c.spec() for c in configs)
+
+
+def _check_devices(configs: Iterable[TechniqueConfig], device: torch.device) -> None:
+    """ConfigError naming the first technique that cannot run on `device` at all."""
+    for cfg in configs:
+        reason = type(cfg).unavailable(device)
+        if reason:
+            raise ConfigError(f"{cfg.name} cannot run on {device}: {reason}")
 
 
 def check_combination(specs: Iterable[str], device: torch.device) -> None:
     """Refuse techniques that cannot run on `device`, before anything is loaded."""
     load_all()
-    for spec in specs:
-        cfg = parse_spec(spec)
-        reason = type(cfg).unavailable(device)
-        if reason:
-            raise ConfigError(f"{cfg.name} cannot run on {device}: {reason}")
+    _check_devices([parse_spec(spec) for spec in specs], device)
 
 
 def apply_techniques(loaded, run_config, on_event: OnEvent) -> tuple[TechniqueRecord, ...]:

@@ -8,7 +8,7 @@ import torch
 def block_linears(model: torch.nn.Module, include_lm_head: bool = False) -> list[tuple[str, torch.nn.Linear]]:
     """(name, module) of every nn.Linear except the output projection (unless asked for), in model order.
 
-    What packed-kernel quantizers can convert; GPT-2's Conv1D layers are not nn.Linear.
+    What packed-kernel quantizers convert (after `linearize_conv1d` for GPT-2's Conv1D layers).
     """
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     return [(name, m) for name, m in model.named_modules()
@@ -37,13 +37,39 @@ def weight_matrix(module: torch.nn.Module) -> torch.Tensor:
     return w if isinstance(module, torch.nn.Linear) else w.t()  # (out, in)
 
 
-def require_linears(model: torch.nn.Module, technique: str) -> list[tuple[str, torch.nn.Linear]]:
-    """`block_linears`, or a one-sentence ConfigError when the model has none to convert."""
+def linear_from_conv1d(conv: torch.nn.Module) -> torch.nn.Linear:
+    """The nn.Linear that computes what a GPT-2 Conv1D computes: x @ W + b with W (in, out) is x @ W.T + b."""
+    in_f, out_f = conv.weight.shape  # Conv1D stores (in, out)
+    w = conv.weight.data
+    linear = torch.nn.Linear(in_f, out_f, bias=conv.bias is not None, device="meta", dtype=w.dtype)
+    linear.weight = torch.nn.Parameter(w.t().contiguous(), requires_grad=conv.weight.requires_grad)  # (out, in)
+    if conv.bias is not None:
+        linear.bias = torch.nn.Parameter(conv.bias.data, requires_grad=conv.bias.requires_grad)
+    return linear.train(conv.training)
+
+
+def linearize_conv1d(model: torch.nn.Module) -> int:
+    """Swap every block Conv1D (GPT-2's projections) for the equivalent nn.Linear, in place; return how many."""
+    convs = [(name, m) for name, m in block_weights(model) if not isinstance(m, torch.nn.Linear)]
+    for name, conv in convs:
+        model.set_submodule(name, linear_from_conv1d(conv))
+    return len(convs)
+
+
+def require_linears(model: torch.nn.Module, technique: str,
+                    notes: list[str] | None = None) -> list[tuple[str, torch.nn.Linear]]:
+    """`block_linears` after GPT-2 Conv1D layers became nn.Linear, or a one-sentence ConfigError if none.
+
+    Packed-kernel quantizers convert nn.Linear only; a Conv1D is a transposed Linear, so it is rebuilt as
+    one first (same outputs) and a note says so.
+    """
     from workbench.errors import ConfigError
 
+    converted = linearize_conv1d(model)
+    if converted and notes is not None:
+        notes.append(f"{converted} GPT-2 Conv1D layers rebuilt as equivalent nn.Linear (transposed weights) "
+                     "before quantization")
     layers = block_linears(model)
     if not layers:
-        others = len(block_weights(model))
-        raise ConfigError(f"{technique} converts nn.Linear layers and {type(model).__name__} has none"
-                          + (f" (its {others} projection layers are GPT-2-style Conv1D)" if others else ""))
+        raise ConfigError(f"{technique} converts nn.Linear layers and {type(model).__name__} has none")
     return layers

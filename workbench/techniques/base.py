@@ -59,6 +59,18 @@ class TechniqueConfig:
         """What a user should know about the numbers this technique produces."""
         return ""
 
+    def model_problem(self, model: torch.nn.Module) -> str | None:
+        """Why this technique cannot act on `model` (None: it can).
+
+        `model` may be built on the meta device: only module types and shapes may be read, no values.
+        The default: the model needs Linear or GPT-2 Conv1D layers in its blocks.
+        """
+        from workbench.techniques._targets import block_weights
+
+        if not block_weights(model):
+            return "it acts on the Linear (or GPT-2 Conv1D) layers of the blocks, and this model has none"
+        return None
+
     def conflicts_with(self, earlier: TechniqueConfig | None, dtype: str) -> str | None:
         """Why this technique cannot follow `earlier` (or, with None, run in `dtype`); None if fine."""
         return None

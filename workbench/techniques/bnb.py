@@ -41,13 +41,13 @@ def _bnb() -> ModuleType:
 
 
 def _unavailable(device: torch.device) -> str | None:
-    """Why bitsandbytes cannot run on `device` (None: it can)."""
-    if importlib.util.find_spec("bitsandbytes") is None:
-        return "bitsandbytes is not installed (pip install bitsandbytes)"
+    """Why bitsandbytes cannot run on `device` (None: it can); the device first, as installing cannot change it."""
     if device.type not in ("cpu", "cuda"):
         return f"the workbench runs bitsandbytes on cpu or cuda only, not {device.type}"
     if device.type == "cuda" and torch.version.hip is None and torch.cuda.get_device_capability(device) < (5, 0):
         return "bitsandbytes needs a CUDA GPU of compute capability 5.0 or newer"
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return "bitsandbytes is not installed (pip install bitsandbytes)"
     return None
 
 
@@ -64,7 +64,7 @@ def _bias(layer: torch.nn.Linear) -> torch.nn.Parameter | None:
 
 def _replace_linears(ctx: ApplyContext, name: str, make: Callable[[torch.nn.Linear], torch.nn.Module]) -> int:
     """Swap every block Linear for `make(layer)` (already on ctx.device, in eval mode); return how many."""
-    layers = require_linears(ctx.model, name)
+    layers = require_linears(ctx.model, name, ctx.notes)
     for i, (layer_name, layer) in enumerate(layers):
         ctx.model.set_submodule(layer_name, make(layer).eval())
         ctx.on_progress(f"quantized {layer_name}", (i + 1) / len(layers))

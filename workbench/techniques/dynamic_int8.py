@@ -81,7 +81,7 @@ def apply_dynamic_int8(config: DynamicInt8Config, ctx: ApplyContext) -> None:
     from torch.ao import quantization as tq
 
     qconfig = tq.per_channel_dynamic_qconfig if config.granularity == "per-channel" else tq.default_dynamic_qconfig
-    layers = require_linears(ctx.model, config.name)
+    layers = require_linears(ctx.model, config.name, ctx.notes)
     counts = {name: layer.weight.numel() + (layer.bias.numel() if layer.bias is not None else 0)
               for name, layer in layers}
     head_name, tied = _head(ctx.model) if config.lm_head else (None, False)

@@ -7,7 +7,8 @@ lowest-scoring KV groups (a key/value head with all its query heads, so num_key_
 valid under GQA) and MLP channels are cut out by rebuilding smaller nn.Linear layers: q/k/v and
 gate/up lose output rows, o_proj and down_proj lose input columns. Every layer loses the same number,
 so `model.config` describes the new sizes and save_pretrained / from_pretrained round-trip.
-Llama-family layouts only (llama, qwen2, mistral); the attention forward reshapes with -1 heads.
+Llama-family layouts (llama, qwen2, mistral; the attention forward reshapes with -1 heads), and GPT-2's
+MLP channels (its Conv1D projections; see `_structured_gpt2`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ import torch
 from workbench.config import option
 from workbench.errors import ConfigError
 from workbench.measure.memory import parameter_count
+from workbench.techniques._structured_gpt2 import GPT2_HEADS, gpt2_blocks, prune_gpt2_mlp
+from workbench.techniques._targets import weight_matrix
 from workbench.techniques.base import ApplyContext, TechniqueConfig, register, register_handler
 from workbench.techniques.wanda import input_norms
 
@@ -47,6 +50,16 @@ class StructuredConfig(TechniqueConfig):
     calibration_tokens: int = option(2048, "Calibration tokens for the activation-based importance scores.",
                                      group="Pruning", minimum=128, maximum=1_000_000)
 
+    def model_problem(self, model: torch.nn.Module) -> str | None:
+        """The Llama module layout (separate q/k/v/o and gate/up/down projections), or GPT-2's MLP channels."""
+        if gpt2_blocks(model) is not None:
+            return GPT2_HEADS if self.heads_ratio > 0 else None
+        try:
+            _decoder_layers(model)
+        except ConfigError as e:
+            return str(e)
+        return None
+
     def notes(self) -> str:
         """What the numbers mean."""
         return ("real: heads (whole KV groups) and MLP channels cut out of smaller nn.Linear layers — fewer "
@@ -63,8 +76,8 @@ def _decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
         all(hasattr(layer.self_attn, n) for n in _ATTN) and all(hasattr(layer.mlp, n) for n in _MLP)
         for layer in layers)
     if not ok:
-        raise ConfigError(f"structured pruning supports the Llama family ({', '.join(SUPPORTED)}), not "
-                          f"{model_type!r}; use magnitude, wanda or 2:4 for this model")
+        raise ConfigError(f"structured pruning supports the Llama family ({', '.join(SUPPORTED)}) and GPT-2's MLP "
+                          f"channels, not {model_type!r}; use magnitude, wanda or 2:4 for this model")
     return list(layers)
 
 
@@ -89,7 +102,7 @@ def _keep(scores: torch.Tensor, drop: int) -> torch.Tensor:
 
 def _channel_scores(linear: torch.nn.Linear, norm: torch.Tensor | None) -> torch.Tensor:
     """‖X_j‖₂ · ‖W[:, j]‖₂ for every input channel j of an output projection."""
-    col = linear.weight.data.float().norm(dim=0)  # (in,)
+    col = weight_matrix(linear).float().norm(dim=0)  # (in,); a GPT-2 Conv1D is viewed as (out, in)
     return col * (norm.to(col.device) if norm is not None else 1.0)  # (in,)
 
 
@@ -139,6 +152,10 @@ def _save_problem(config: object) -> str | None:
 @register_handler(StructuredConfig)
 def apply_structured(config: StructuredConfig, ctx: ApplyContext) -> None:
     """Score heads and channels on calibration text, rebuild every layer smaller, update model.config."""
+    blocks = gpt2_blocks(ctx.model)
+    if blocks is not None:
+        _apply_gpt2(config, ctx, blocks)
+        return
     layers = _decoder_layers(ctx.model)
     cfg = ctx.model.config
     first = layers[0].self_attn
@@ -178,3 +195,25 @@ def _notes(ctx: ApplyContext, config: StructuredConfig, heads: tuple[int, int], 
     problem = _save_problem(ctx.model.config)
     if problem:
         ctx.notes.append(f"save_pretrained would refuse this model: {problem}")
+
+
+def _apply_gpt2(config: StructuredConfig, ctx: ApplyContext, blocks: list[torch.nn.Module]) -> None:
+    """GPT-2: cut the lowest-scoring MLP channels of every block; `n_inner` describes the new width."""
+    if config.heads_ratio > 0:
+        raise ConfigError(GPT2_HEADS)
+    before, inter0 = parameter_count(ctx.model), blocks[0].mlp.c_proj.weight.shape[0]
+    outputs = {f"{i}.down": block.mlp.c_proj for i, block in enumerate(blocks)}
+    norms, used = input_norms(ctx, outputs, config.calibration_tokens) if config.mlp_ratio > 0 else ({}, 0)
+    inter = inter0
+    with torch.no_grad():
+        for i, block in enumerate(blocks):
+            scores = _channel_scores(block.mlp.c_proj, norms.get(f"{i}.down"))  # (inter,)
+            inter = prune_gpt2_mlp(block.mlp, _keep(scores, min(round(config.mlp_ratio * inter0), inter0 - 1)))
+            ctx.on_progress(f"rebuilt block {i + 1}/{len(blocks)}", 0.5 + 0.5 * (i + 1) / len(blocks))
+    ctx.model.config.n_inner = inter
+    after = parameter_count(ctx.model)
+    ctx.notes.append(f"GPT-2: removed {inter0 - inter} of {inter0} MLP channels per block (asked "
+                     f"{config.mlp_ratio:g}); attention heads kept; parameters {before:,} → {after:,} "
+                     f"(−{before - after:,}, {(before - after) / max(1, before):.1%})"
+                     + (f"; scores from {used:,} calibration tokens" if used else ""))
+    logger.info("structured (GPT-2): %d MLP channels left per block", inter)

@@ -39,11 +39,11 @@ def _torchao() -> ModuleType:
 
 
 def _unavailable(device: torch.device) -> str | None:
-    """Why torchao cannot run on `device` (None: it can)."""
-    if importlib.util.find_spec("torchao") is None:
-        return "torchao is not installed (pip install torchao)"
+    """Why torchao cannot run on `device` (None: it can); the device first, as installing cannot change it."""
     if device.type not in ("cpu", "cuda"):
         return f"the workbench runs torchao on cpu or cuda only, not {device.type}"
+    if importlib.util.find_spec("torchao") is None:
+        return "torchao is not installed (pip install torchao)"
     return None
 
 
@@ -117,15 +117,12 @@ class TorchaoInt4WeightConfig(_TorchaoConfig):
 
     @classmethod
     def unavailable(cls, device: torch.device) -> str | None:
-        """CUDA with tensor cores (compute capability >= 8.0) only."""
-        reason = _unavailable(device)
-        if reason:
-            return reason
+        """CUDA with tensor cores (compute capability >= 8.0) only; the device is checked before the install."""
         if device.type != "cuda":
             return "torchao int4 weight-only kernels need a CUDA GPU"
         if torch.version.hip is None and torch.cuda.get_device_capability(device) < (8, 0):
             return "torchao's int4 tinygemm kernel needs a CUDA GPU of compute capability 8.0 or newer"
-        return None
+        return _unavailable(device)
 
     def conflicts_with(self, earlier: TechniqueConfig | None, dtype: str) -> str | None:
         """tinygemm packs bf16 weights only."""
@@ -152,7 +149,7 @@ class TorchaoInt4WeightConfig(_TorchaoConfig):
 def _apply_torchao(config: _TorchaoConfig, ctx: ApplyContext) -> None:
     """Run torchao's quantize_ over the block Linears (the output projection stays float)."""
     ao = _torchao()
-    layers = [m for _, m in require_linears(ctx.model, config.name)]
+    layers = [m for _, m in require_linears(ctx.model, config.name, ctx.notes)]
     targets = {id(m) for m in layers}
     ctx.on_progress("quantizing Linear weights", 0.0)
     with warnings.catch_warnings():
