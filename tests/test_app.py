@@ -179,6 +179,35 @@ def test_unavailable_techniques_are_disabled_with_the_reason(app):
     assert not w.quant.rows["sim"].enabled.disabled
 
 
+def test_technique_rows_follow_the_chosen_device(app, monkeypatch):
+    """On a (faked) CUDA machine: dynamic-int8 is CPU-only, torchao-int4-weight CUDA-only; the rows follow the input."""
+    import torch
+
+    import widgets.panels
+    import workbench.execution
+
+    monkeypatch.setattr(widgets.panels, "device_choices", lambda: ["auto", "cpu", "cuda:0"])
+    monkeypatch.setattr(workbench.execution, "resolve_device",
+                        lambda spec: torch.device("cuda:0" if spec == "auto" else spec))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *_: (9, 0))
+    w = app()
+    device = w.settings["Execution"].form.inputs["device"]
+    int8, int4 = w.quant.rows["dynamic-int8"], w.quant.rows["torchao-int4-weight"]
+    cpu_only, cuda_only = "run on the CPU only", "int4 weight-only kernels need a CUDA GPU"
+    assert int8.enabled.disabled and "unavailable on cuda:0:</b> " in int8.about.value and cpu_only in int8.about.value
+    assert not int4.enabled.disabled and "unavailable" not in int4.about.value
+    device.value = "cpu"
+    assert not int8.enabled.disabled and "unavailable" not in int8.about.value
+    assert int4.enabled.disabled and "unavailable on cpu:</b> " in int4.about.value and cuda_only in int4.about.value
+    int8.enabled.value = True
+    assert w.config().techniques[0].startswith("dynamic-int8") and not w.run_button.disabled
+    device.value = "cuda:0"  # enabled, then impossible: switched off with the reason, and the run stays valid
+    assert not int8.enabled.value and int8.enabled.disabled and cpu_only in int8.about.value
+    assert w.config().techniques == () and w.problems.value == "" and not w.run_button.disabled
+    device.value = "auto"
+    assert int8.enabled.disabled and not int4.enabled.disabled
+
+
 def test_impossible_combinations_are_explained_before_run(app):
     w = app()
     w.quant.rows["sim"].enabled.value = True

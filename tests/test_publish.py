@@ -233,7 +233,10 @@ def test_locked_app_has_no_trust_or_pickle_inputs_and_only_listed_models(locked_
     from widgets import Workbench
 
     assert set(locked_app.model_panel.form.inputs) == {"dtype"}
-    assert [v for _, v in locked_app.model_panel.source.options] == ["tiny", "preset:gpt2-124m"]
+    from workbench.models.sources import saved_students
+
+    students = [f"student:{name}" for name in saved_students()]  # student:* is listed: those saved by earlier tests
+    assert [v for _, v in locked_app.model_panel.source.options] == ["tiny", "preset:gpt2-124m", *students]
     assert "Locked by its publisher" in locked_app.children[0].value
     unlocked = Workbench(store_path=locked_app.store_path, runner=lambda *a, **k: None)
     assert {"trust_remote_code", "allow_pickle"} <= set(unlocked.model_panel.form.inputs)

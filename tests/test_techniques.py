@@ -61,6 +61,90 @@ def test_applies_to_the_reference_model_or_says_why_not(name, tiny):
     assert out.shape == (1, 9)
 
 
+EVAL_CONTEXT, EVAL_WINDOWS = 256, 4  # 1 020 held-out tokens: enough for 50 % pruning to raise perplexity
+
+
+@pytest.fixture(scope="module")
+def heldout(tiny):
+    """A few held-out windows, the unmodified model's predictions on them, and its perplexity."""
+    from workbench.measure.accuracy import compute_baseline, evaluate, make_windows
+    from workbench.textio import heldout_ids
+
+    windows = make_windows(heldout_ids(tiny.tokenizer), EVAL_CONTEXT, EVAL_WINDOWS * (EVAL_CONTEXT - 1))
+    return windows, compute_baseline(tiny.model, windows, CPU), evaluate(tiny.model, windows, CPU).perplexity
+
+
+def declared_expectation(cls):
+    """The expectation a technique declares on its own class (inheriting one from a parent does not count)."""
+    from workbench.techniques.base import Expectation
+
+    expect = vars(cls).get("expect")
+    assert isinstance(expect, Expectation), (
+        f"{cls.name} declares no expectation on tiny: add e.g. `expect = Expectation(max_kl=0.02)` or "
+        "`Expectation(raises_perplexity=True)` to its config class, with the measured values in a comment")
+    return expect
+
+
+def where_it_runs(cfg):
+    """(device, dtype) where this technique runs with its defaults, the CPU first; None: nowhere here."""
+    devices = [CPU] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    for device in (d for d in devices if type(cfg).unavailable(d) is None):
+        for dtype in ("fp32", "bf16"):
+            if cfg.conflicts_with(None, dtype) is None:
+                return device, dtype
+    return None
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_default_settings_meet_the_declared_expectation(name, tiny, heldout):
+    """KL vs the unmodified model and perplexity on held-out text, against the number the technique declares."""
+    from workbench.measure.accuracy import evaluate
+    from workbench.models.sources import TORCH_DTYPES
+
+    expect = declared_expectation(REGISTRY[name])
+    cfg = parse_spec(name)
+    place = where_it_runs(cfg)
+    if place is None:
+        pytest.skip(f"{name} cannot run here: {REGISTRY[name].unavailable(CPU)}")
+    device, dtype = place
+    windows, baseline, baseline_ppl = heldout
+    model = copy.deepcopy(tiny.model).to(device, TORCH_DTYPES[dtype])
+    model = handler_for(cfg)(cfg, ApplyContext(model, tiny.tokenizer, device, dtype, lambda m, f: None)) or model
+    stats = evaluate(model, windows, device, baseline)
+    problem = expect.check(stats.kl_vs_baseline, stats.perplexity, baseline_ppl)
+    assert problem is None, f"{name} on {device} ({dtype}): {problem}"
+
+
+def test_a_technique_without_its_own_expectation_fails():
+    from workbench.techniques.sim import SimQuantConfig
+
+    @dataclasses.dataclass(frozen=True)
+    class Unmeasured(SimQuantConfig):  # inherits sim's number, declares none of its own
+        name = "unmeasured"
+
+    with pytest.raises(AssertionError, match="unmeasured declares no expectation"):
+        declared_expectation(Unmeasured)
+    assert declared_expectation(SimQuantConfig).max_kl is not None
+
+
+def test_expectation_checks_and_refuses_empty_or_inverted_bounds():
+    from workbench.techniques.base import Expectation
+
+    band = Expectation(max_kl=0.02, min_kl=0.001)
+    assert band.check(0.01, 50.0, 40.0) is None
+    assert "above the declared max_kl 0.02" in band.check(0.03, 40.0, 40.0)
+    assert "below the declared min_kl 0.001" in band.check(0.0, 40.0, 40.0)
+    destructive = Expectation(raises_perplexity=True)
+    assert destructive.check(5.0, 41.0, 40.0) is None
+    assert "not above the unmodified model's 40" in destructive.check(0.5, 39.0, 40.0)
+    with pytest.raises(ValueError, match="needs max_kl or raises_perplexity"):
+        Expectation()
+    with pytest.raises(ValueError, match="min_kl must be below max_kl"):
+        Expectation(max_kl=0.01, min_kl=0.02)
+    with pytest.raises(ValueError, match="max_kl must be in 0.0..inf"):
+        Expectation(max_kl=-1.0)
+
+
 def test_listing_says_where_each_technique_runs(capsys):
     from workbench.cli import main
 

@@ -16,7 +16,7 @@ import ipywidgets as W
 from widgets.distill import DistillPanel
 from widgets.forms import error_html, warning_html
 from widgets.history import HistoryPanel
-from widgets.panels import SETTINGS_GROUPS, ModelPanel, SettingsPanel, TechniquesPanel
+from widgets.panels import AVAILABILITY_INPUTS, SETTINGS_GROUPS, ModelPanel, SettingsPanel, TechniquesPanel
 from widgets.publish import policy_note, run_slot
 from widgets.plots import AccuracyPlot, LatencyPlot, MemoryPlot, RooflinePlot, live_figure, persist
 from widgets.sensitivity import SensitivityPanel
@@ -90,6 +90,8 @@ class Workbench(W.VBox):
         self.distill = DistillPanel(self, distiller)
         self._build_controls(budget_ms)
         super().__init__(self._layout())
+        for w in (p.form.inputs[n] for p in self.settings.values() for n in AVAILABILITY_INPUTS if n in p.form.inputs):
+            w.observe(lambda _: self.refresh_availability(), "value")  # before validate sees the change
         for panel in (self.model_panel, self.quant, self.prune, *self.settings.values()):
             panel.observe(lambda _: self.validate())
         self.validate()
@@ -162,6 +164,18 @@ class Workbench(W.VBox):
             values.update(panel.values())
         techniques = self.prune.specs() + self.quant.specs()  # prune, then quantize
         return RunConfig(**values, techniques=tuple(techniques))
+
+    def refresh_availability(self) -> None:
+        """Technique rows follow the chosen device ("auto" resolved); an impossible device is left to validate()."""
+        from workbench.execution import resolve_device
+
+        values = {k: v for panel in self.settings.values() for k, v in panel.values().items()}
+        try:
+            device = resolve_device(values["device"])
+        except (ValueError, WorkbenchError):
+            return
+        for panel in (self.quant, self.prune):
+            panel.refresh(device)
 
     def validate(self) -> RunConfig | None:
         """Explain an impossible setting before Run (and disable Run); return the config when valid."""

@@ -95,17 +95,26 @@ class TechniqueRow:
 
     def __init__(self, cls: type, device: torch.device) -> None:
         self.cls = cls
-        self.reason = cls.unavailable(device)
+        self.reason: str | None = None
         self.enabled = W.Checkbox(value=False, description=cls.name, indent=False, layout={"width": "200px"},
-                                  tooltip=cls.summary, disabled=self.reason is not None)
+                                  tooltip=cls.summary)
         self.form = FieldForm(cls)
         self.form.box.layout.display = "none"
         self.form.box.layout.margin = "0 0 0 24px"
-        why = f" <b>unavailable here:</b> {html.escape(self.reason)}" if self.reason else ""
-        self.about = W.HTML(f"<span class='wb-summary'>{html.escape(cls.summary)}{'' if cls.simulated is False else ' (simulated)'}"
-                            f"</span>{why}")
+        self.about = W.HTML()
         self.enabled.observe(lambda c: setattr(self.form.box.layout, "display", "" if c["new"] else "none"), "value")
         self.box = W.VBox([W.HBox([self.enabled, self.about]), self.form.box])
+        self.refresh(device)
+
+    def refresh(self, device: torch.device) -> None:
+        """Re-evaluate whether the technique can run on `device`; if not, switch it off and say why."""
+        self.reason = self.cls.unavailable(device)
+        if self.reason is not None:
+            self.enabled.value = False
+        self.enabled.disabled = self.reason is not None
+        why = f" <b>unavailable on {html.escape(str(device))}:</b> {html.escape(self.reason)}" if self.reason else ""
+        simulated = "" if self.cls.simulated is False else " (simulated)"
+        self.about.value = f"<span class='wb-summary'>{html.escape(self.cls.summary)}{simulated}</span>{why}"
 
     def spec(self) -> str | None:
         """`NAME:key=value,...` when enabled (ValueError if a parameter is invalid), else None."""
@@ -122,6 +131,11 @@ class TechniquesPanel:
 
         self.rows = {name: TechniqueRow(cls, device) for name, cls in sorted(load_all().items()) if cls.kind == kind}
         self.box = W.VBox([r.box for r in self.rows.values()])
+
+    def refresh(self, device: torch.device) -> None:
+        """Re-evaluate every row for `device` (called when the device input, or anything that decides it, changes)."""
+        for row in self.rows.values():
+            row.refresh(device)
 
     def specs(self) -> list[str]:
         """Enabled techniques, in panel order."""
@@ -140,6 +154,9 @@ class TechniquesPanel:
             if name in specs:
                 row.form.set_values(specs[name])
 
+
+# The inputs whose value decides which techniques can run (engine: once RunConfig has one).
+AVAILABILITY_INPUTS = ("device", "engine")
 
 SETTINGS_GROUPS = {
     "Workload": ["prompt", "prompt_tokens", "max_new_tokens", "batch_size", "seed"],

@@ -10,11 +10,40 @@ from typing import Any, ClassVar
 
 import torch
 
-from workbench.config import check_fields
+from workbench.config import check_fields, option
 from workbench.errors import ConfigError
 from workbench.result import TechniqueRecord
 
 KINDS = ("quant", "prune")
+
+
+@dataclass(frozen=True)
+class Expectation:
+    """What a technique's default settings must do to `tiny`, checked by tests/test_techniques.py."""
+
+    max_kl: float | None = option(None, "Upper bound on the mean KL(unmodified || modified) per position.",
+                                  minimum=0.0)
+    min_kl: float = option(0.0, "Lower bound on that KL: a technique that silently changes nothing fails.",
+                           minimum=0.0)
+    raises_perplexity: bool = option(False, "Destructive settings: perplexity must end above the unmodified "
+                                     "model's.")
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        if self.max_kl is None and not self.raises_perplexity:
+            raise ValueError("an expectation needs max_kl or raises_perplexity=True")
+        if self.max_kl is not None and self.min_kl >= self.max_kl:
+            raise ValueError(f"min_kl must be below max_kl ({self.max_kl:g}); got {self.min_kl:g}")
+
+    def check(self, kl: float, perplexity: float, baseline_perplexity: float) -> str | None:
+        """Why these measurements miss the expectation, in one sentence (None: they meet it)."""
+        if self.max_kl is not None and kl > self.max_kl:
+            return f"KL {kl:.4g} is above the declared max_kl {self.max_kl:g}"
+        if kl < self.min_kl:
+            return f"KL {kl:.4g} is below the declared min_kl {self.min_kl:g}: the model barely changed"
+        if self.raises_perplexity and not perplexity > baseline_perplexity:
+            return f"perplexity {perplexity:.4g} is not above the unmodified model's {baseline_perplexity:.4g}"
+        return None
 
 
 @dataclass(frozen=True)
@@ -27,6 +56,7 @@ class TechniqueConfig:
     summary: ClassVar[str] = ""  # one line for listings and tooltips
     packs_weights: ClassVar[bool] = False  # replaces float weights by packed/quantized storage
     needs_float_weights: ClassVar[bool] = False  # reads or edits float weights (pruning, fake quant)
+    expect: ClassVar[Expectation | None] = None  # each technique declares its own (numbers measured on `tiny`)
 
     def __post_init__(self) -> None:
         check_fields(self)

@@ -19,7 +19,7 @@ import torch
 
 from workbench.config import option
 from workbench.techniques._targets import require_linears
-from workbench.techniques.base import ApplyContext, TechniqueConfig, register, register_handler
+from workbench.techniques.base import ApplyContext, Expectation, TechniqueConfig, register, register_handler
 
 logger = logging.getLogger(__name__)
 GRANULARITIES = ("per-tensor", "per-channel")
@@ -45,6 +45,7 @@ class DynamicInt8Config(TechniqueConfig):
     simulated = False
     packs_weights = True
     summary = "PyTorch dynamic int8 (quantize_dynamic): int8 weights and activations, CPU kernels, fp32 only"
+    expect = Expectation(max_kl=0.12, min_kl=0.015)  # measured on tiny: KL 0.0463, perplexity 57.08 vs 56.11
 
     granularity: str = option("per-channel", "Weight scales: one per output channel (more accurate) or one "
                               "per tensor.", choices=GRANULARITIES)

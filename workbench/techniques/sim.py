@@ -18,7 +18,7 @@ import torch
 from workbench.config import option
 from workbench.errors import ConfigError
 from workbench.techniques._targets import block_weights, weight_matrix
-from workbench.techniques.base import ApplyContext, TechniqueConfig, register, register_handler
+from workbench.techniques.base import ApplyContext, Expectation, TechniqueConfig, register, register_handler
 
 logger = logging.getLogger(__name__)
 GRANULARITIES = ("per-tensor", "per-channel", "per-group")
@@ -83,6 +83,7 @@ class SimQuantConfig(TechniqueConfig):
     simulated = True
     needs_float_weights = True
     summary = "simulated k-bit quantization (fake quant): changes accuracy, not speed"
+    expect = Expectation(max_kl=0.0008, min_kl=0.0001)  # 8-bit; tiny: KL 0.000309, perplexity 56.17 vs 56.11
 
     bits: int = option(8, "Bits per weight (2..8).", minimum=2, maximum=8)
     symmetric: bool = option(True, "Symmetric range around zero (zero point 0); false: asymmetric min..max.")

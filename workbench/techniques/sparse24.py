@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from workbench.config import option
-from workbench.techniques.base import ApplyContext, TechniqueConfig, register, register_handler
+from workbench.techniques.base import ApplyContext, Expectation, TechniqueConfig, register, register_handler
 from workbench.techniques._targets import block_weights, weight_matrix
 from workbench.techniques.magnitude import sparsity_note, zero_count
 from workbench.techniques.wanda import input_norms, wanda_scores
@@ -73,6 +73,7 @@ class Sparse24Config(TechniqueConfig):
     simulated = True  # on CPU and older GPUs; real kernels are named in the run's notes when used
     needs_float_weights = True
     summary = "2:4 semi-structured pruning: masks everywhere (accuracy), sparse kernels on Ampere+ GPUs (speed)"
+    expect = Expectation(max_kl=2.0, raises_perplexity=True)  # tiny: KL 0.946, perplexity 89.48 vs 56.11
 
     scores: str = option("magnitude", "What decides which 2 of every 4 weights go: magnitude |W|, or wanda "
                          "|W|·‖X_j‖₂ with input norms from calibration text.", group="Pruning", choices=SCORES)
