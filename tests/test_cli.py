@@ -295,6 +295,6 @@ def test_progress_lines_show_each_stage_and_its_first_progress(capsys):
 def test_more_threads_than_cores_is_a_warning_in_the_printed_result(capsys, tmp_path, monkeypatch):
     import workbench.runner
 
-    monkeypatch.setattr(workbench.runner, "usable_cores", lambda: 1)
+    monkeypatch.setattr(workbench.runner, "cpu_cores", lambda: 1)
     assert main(["run", "--model", "tiny", *FAST, "--threads", "2", "--store", str(tmp_path / "r.sqlite")]) == 0
     assert "warning: threads 2 is more than the 1 CPU cores this process may use" in capsys.readouterr().out

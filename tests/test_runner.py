@@ -216,8 +216,8 @@ def test_more_threads_than_cores_is_a_warning(fast, monkeypatch):
 
     import workbench.runner as runner
 
-    assert runner.usable_cores() == len(os.sched_getaffinity(0))
-    monkeypatch.setattr(runner, "usable_cores", lambda: 1)
+    assert runner.cpu_cores() == len(os.sched_getaffinity(0))
+    monkeypatch.setattr(runner, "cpu_cores", lambda: 1)
     events = []
     r = run(fast(threads=2, eval_tokens=0), events.append)
     assert r.status == "ok"

@@ -119,12 +119,13 @@ def _progress_printer(enabled: bool, every_s: float = 5.0):
         if not enabled or not isinstance(event, StageEvent):
             return
         if event.state == "start":
-            last[event.stage] = float("-inf")
-            print(f"[{event.elapsed_s:6.1f}s] {event.stage}: {event.message}", file=sys.stderr, flush=True)
-        elif event.state == "progress" and event.message and \
-                event.elapsed_s - last.get(event.stage, float("-inf")) >= every_s:
+            last[event.stage] = float("-inf")  # the stage's first progress line is printed at once
+        elif not (event.state == "progress" and event.message
+                  and event.elapsed_s - last.get(event.stage, float("-inf")) >= every_s):
+            return
+        else:
             last[event.stage] = event.elapsed_s
-            print(f"[{event.elapsed_s:6.1f}s] {event.stage}: {event.message}", file=sys.stderr, flush=True)
+        print(f"[{event.elapsed_s:6.1f}s] {event.stage}: {event.message}", file=sys.stderr, flush=True)
     return on_event
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import datetime as dt
 import gc
 import logging
-import os
 import time
 import traceback
 from collections.abc import Callable
@@ -31,6 +30,7 @@ from workbench.measure.roofline import bytes_per_step, memory_bandwidth, rooflin
 from workbench.models.loader import Loaded, count_params, kv_bytes_per_token, load_model
 from workbench.models.sources import TORCH_DTYPES, fingerprint, resolve
 from workbench.parallel.coordinator import Coordinator
+from workbench.parallel.distributed import cpu_cores
 from workbench.parallel.placement import Placement, parse_device_map, parse_max_memory, place
 from workbench.result import (AccuracyStats, LatencyStats, ModelInfo, ParallelInfo, RankInfo,
                               RepeatTiming, RunResult, TechniqueRecord)
@@ -41,14 +41,6 @@ logger = logging.getLogger(__name__)
 # Below this share of decoded tokens in the top 10 of one forward over the same text, the decode path is wrong.
 DECODE_CONSISTENCY_MIN = 0.5
 DECODE_WRONG = "decode looks wrong"
-
-
-def usable_cores() -> int:
-    """CPU cores this process may run on (its affinity mask, which containers and taskset narrow)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):  # not Linux
-        return os.cpu_count() or 1
 
 
 def decode_looks_wrong(result: RunResult) -> bool:
@@ -152,7 +144,7 @@ class _Run:
 
     def warn_threads(self) -> None:
         """Warn when more intra-op threads are asked for than this process has CPU cores."""
-        cores = usable_cores()
+        cores = cpu_cores()
         if self.config.threads and self.config.threads > cores:
             self.warn(f"threads {self.config.threads} is more than the {cores} CPU cores this process may use: the "
                       "threads take turns on the cores, so the timings are slower and noisier than they would be "
