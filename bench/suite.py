@@ -40,7 +40,8 @@ from workbench.errors import WorkbenchError  # noqa: E402
 from workbench.events import TokenEvent  # noqa: E402
 from workbench.measure.env import cpu_name  # noqa: E402
 from workbench.report import human_bytes  # noqa: E402
-from workbench.runner import decode_looks_wrong, run  # noqa: E402
+from workbench.measure.accuracy import decode_looks_wrong  # noqa: E402
+from workbench.runner import run  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 SPEED_MODEL = "preset:llama-124m"
@@ -104,7 +105,7 @@ def speed(quick: bool) -> dict[str, Any]:
             info[label] = {"weights_bytes": r.memory.weights_bytes, "bytes_per_token": r.roofline.bytes_per_token,
                            "bound_tokens_per_s": r.roofline.decode_bound_tokens_per_s,
                            "cold_start_s": r.latency.cold_start_s, "techniques": list(specs), "dtype": dtype,
-                           "execution": execution, "decode_sound": not decode_looks_wrong(r)}
+                           "execution": execution, "decode_sound": not decode_looks_wrong(r.warnings)}
             print(f"  {label}: {r.latency.decode_tokens_per_s:.1f} tok/s", file=sys.stderr, flush=True)
     base = statistics.median(rates[configs[0][0]])
     rows = []
@@ -132,7 +133,7 @@ def budget_search(speed_rows: list[dict[str, Any]], budget: float = 0.05) -> dic
             continue
         rows.append({"config": row["config"], "perplexity": r.accuracy.perplexity,
                      "kl_vs_baseline": r.accuracy.kl_vs_baseline, "speedup_124m": row["speedup"],
-                     "decode_sound": row["decode_sound"] and not decode_looks_wrong(r)})
+                     "decode_sound": row["decode_sound"] and not decode_looks_wrong(r.warnings)})
         print(f"  {row['config']}: perplexity {r.accuracy.perplexity:.2f}", file=sys.stderr, flush=True)
     base = rows[0]["perplexity"]
     for r in rows:

@@ -28,7 +28,8 @@ def fake_result(config: RunConfig, status: str = "ok", scale: float = 1.0, ppl: 
     acc = AccuracyStats(ppl, 0.4, 0.01 * scale, 0.97, 1.0, 2048, "test")
     roof = RooflineStats(15e9, 24_000_000, 600.0, 0.4, "test")
     model = ModelInfo(config.model, 6_000_000, int(24_000_000 * scale), False, config.dtype, "cpu", "LlamaForCausalLM")
-    return RunResult(config, model, lat, mem, acc, roof, techniques=(), env=None, status=status,
+    return RunResult(config, model, techniques=(), env=None, status=status,
+                     sections=dict(latency=lat, memory=mem, accuracy=acc, roofline=roof),
                      output_text="".join(TEXT), outputs=("".join(TEXT),), started_at="2026-11-25T00:00:00",
                      duration_s=0.1)
 
@@ -194,18 +195,24 @@ def test_technique_rows_follow_the_chosen_device(app, monkeypatch):
     device = w.settings["Execution"].form.inputs["device"]
     int8, int4 = w.quant.rows["dynamic-int8"], w.quant.rows["torchao-int4-weight"]
     cpu_only, cuda_only = "run on the CPU only", "int4 weight-only kernels need a CUDA GPU"
-    assert int8.enabled.disabled and "unavailable on cuda:0:</b> " in int8.about.value and cpu_only in int8.about.value
+    assert int8.enabled.disabled and "unavailable on cuda:0 (hf):</b> " in int8.about.value and cpu_only in int8.about.value
     assert not int4.enabled.disabled and "unavailable" not in int4.about.value
     device.value = "cpu"
     assert not int8.enabled.disabled and "unavailable" not in int8.about.value
-    assert int4.enabled.disabled and "unavailable on cpu:</b> " in int4.about.value and cuda_only in int4.about.value
+    assert int4.enabled.disabled and "unavailable on cpu (hf):</b> " in int4.about.value and cuda_only in int4.about.value
     int8.enabled.value = True
-    assert w.config().techniques[0].startswith("dynamic-int8") and not w.run_button.disabled
+    assert w.config().technique_specs[0].startswith("dynamic-int8") and not w.run_button.disabled
     device.value = "cuda:0"  # enabled, then impossible: switched off with the reason, and the run stays valid
     assert not int8.enabled.value and int8.enabled.disabled and cpu_only in int8.about.value
     assert w.config().techniques == () and w.problems.value == "" and not w.run_button.disabled
     device.value = "auto"
     assert int8.enabled.disabled and not int4.enabled.disabled
+    from workbench.engines.hf import HFEngine  # the engine decides too: one that cannot apply sim
+
+    monkeypatch.setattr(HFEngine, "can_apply", classmethod(lambda cls, name: "no sim here" if name == "sim" else None))
+    w.refresh_availability()
+    assert w.quant.rows["sim"].enabled.disabled and "unavailable on cuda:0 (hf):</b> no sim here" in \
+        w.quant.rows["sim"].about.value
 
 
 def test_impossible_combinations_are_explained_before_run(app):
@@ -220,7 +227,7 @@ def test_impossible_combinations_are_explained_before_run(app):
     w.model_panel.form.inputs["dtype"].value = "fp32"
     w.prune.rows["magnitude"].enabled.value = True
     assert w.problems.value == ""
-    assert [s.split(":")[0] for s in w.config().techniques] == ["magnitude", "dynamic-int8"]  # prune first
+    assert [s.split(":")[0] for s in w.config().technique_specs] == ["magnitude", "dynamic-int8"]  # prune first
 
 
 def test_panels_are_generated_from_the_config_fields(app):
@@ -237,7 +244,7 @@ def test_panels_are_generated_from_the_config_fields(app):
     assert sim["granularity"].options == ("per-tensor", "per-channel", "per-group") and sim["bits"].max == 8
     w.quant.rows["sim"].enabled.value = True
     sim["bits"].value = 3
-    assert w.config().techniques[0].startswith("sim:bits=3")
+    assert w.config().technique_specs[0].startswith("sim:bits=3")
     w.settings["Workload"].form.inputs["prompt"].value = "hello"
     w.settings["Workload"].form.inputs["prompt_tokens"].value = 5  # an optional field: set it
     assert "either prompt or prompt_tokens" in w.problems.value and w.run_button.disabled
@@ -259,7 +266,7 @@ def test_set_values_fills_the_inputs(app):
                  techniques=("magnitude:sparsity=0.25", "sim:bits=4"))
     cfg = w.config()
     assert (cfg.model, cfg.dtype, cfg.threads, cfg.max_new_tokens) == ("preset:gpt2-124m", "bf16", 2, 9)
-    assert [s.split(",")[0] for s in cfg.techniques] == ["magnitude:sparsity=0.25", "sim:bits=4"]
+    assert [s.split(",")[0] for s in cfg.technique_specs] == ["magnitude:sparsity=0.25", "sim:bits=4"]
     w.set_values(model="./my-model")
     assert w.config().model == "./my-model"
     with pytest.raises(ValueError, match="not RunConfig fields"):
@@ -466,3 +473,38 @@ def test_run_and_stop_are_the_only_buttons_of_those_names(app):
 
     labels = [b.description for b in buttons(app())]
     assert labels.count("Run") == 1 and labels.count("Stop") == 1  # what DESIGN.md and the browser tests look for
+
+
+def test_each_section_is_drawn_by_its_registered_view(app, monkeypatch):
+    """No if/elif over section names: a view registered for a section gets its events; energy has its line."""
+    from dataclasses import replace as changed
+
+    from widgets import views
+    from workbench.measure.trackers.energy import EnergyStats
+
+    shown = []
+
+    class ProbeView(views.View):
+        section = "probe"
+
+        def show(self, value, seen):
+            shown.append((value, sorted(seen)))
+
+    class WithEnergy(ScriptedRunner):
+        def __call__(self, config, on_event, should_stop):
+            result = super().__call__(config, on_event, should_stop)
+            energy = EnergyStats(0.0125, 31.5, "a test counter", 1.5, 120, 0.05, "package")
+            on_event(MetricEvent("energy", energy))
+            on_event(MetricEvent("probe", 7))
+            return changed(result, sections={**result.sections, "energy": energy})
+
+    monkeypatch.setitem(views.VIEWS, "probe", ProbeView)
+    w = app(runner=WithEnergy())
+    energy_view = next(v for v in w.views if v.section == "energy")
+    assert "no run yet" in energy_view.widget.value and energy_view.widget in w.children[2].children
+    w.run_button.click()
+    w.wait(10)
+    assert shown[0] == (7, ["accuracy", "energy", "latency", "memory", "probe", "roofline"])
+    assert shown[-1][0] is None  # the final result has no probe section
+    assert "0.0125 J per token, 31.5 W average" in energy_view.widget.value
+    assert ("energy per token", "joules_per_token") in w.history.x.options

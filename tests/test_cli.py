@@ -125,9 +125,11 @@ def test_remote_code_is_refused_unless_opted_in(capsys, tmp_path):
 
 def refused_run(capsys, tmp_path, monkeypatch, *args: str) -> str:
     """A run refused before loading: exit 2, one sentence, no weights read, no store created."""
-    import workbench.runner
+    import workbench.engines.hf
+    import workbench.measure.baseline
 
-    monkeypatch.setattr(workbench.runner, "load_model", lambda *a, **k: pytest.fail("weights were loaded"))
+    for module in (workbench.engines.hf, workbench.measure.baseline):  # the run's model, the accuracy baseline
+        monkeypatch.setattr(module, "load_model", lambda *a, **k: pytest.fail("weights were loaded"))
     store = tmp_path / "r.sqlite"
     assert main(["run", *args, *FAST, "--store", str(store)]) == 2
     assert not store.exists()
@@ -143,9 +145,9 @@ def test_batch_too_large_is_refused_by_estimate(capsys, tmp_path, monkeypatch):
 def test_a_batch_whose_logits_do_not_fit_is_refused_with_the_numbers(capsys, tmp_path, monkeypatch):
     """llama-124m at batch 4096: the KV cache, activations and the last position's fp32 logits (2.3 GiB) are
     counted; with 6 GiB free it is refused before loading (without the logits it would fit), every term said."""
-    import workbench.runner
+    import workbench.engines.hf
 
-    monkeypatch.setattr(workbench.runner, "available_bytes", lambda device: 6 << 30)
+    monkeypatch.setattr(workbench.engines.hf, "available_bytes", lambda device: 6 << 30)
     line = refused_run(capsys, tmp_path, monkeypatch, "--model", "preset:llama-124m", "--batch-size", "4096",
                        "--prompt", "The for statement is used to")
     assert "workbench run: error: this run needs about 7.0 GiB" in line and "but only 6.0 GiB is free" in line
@@ -205,7 +207,7 @@ def test_results_names_the_store_and_listing_creates_none(capsys, tmp_path):
 def test_every_entry_point_shares_one_default_store(capsys, tmp_path, monkeypatch):
     """No --store: `run` in one folder and `results` in another meet in the user's data folder, which both name."""
     from widgets import Workbench
-    from workbench.dashboard import DashboardConfig, environment
+    from workbench.serve.dashboard import DashboardConfig, environment
 
     monkeypatch.delenv("WORKBENCH_STORE")
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
@@ -243,8 +245,8 @@ def test_no_flag_help_describes_what_turning_it_off_does(capsys):
 
 
 def test_error_messages_name_the_flags_the_user_typed(capsys, tmp_path):
-    from workbench.cli import flags_in
     from workbench.config import RunConfig
+    from workbench.flags import flags_in
 
     assert main(["run", "--prompt", "hi", "--prompt-tokens", "3", "--store", str(tmp_path / "r.sqlite")]) == 2
     assert one_sentence(capsys.readouterr().err).endswith("error: give either --prompt or --prompt-tokens, not both")
@@ -265,7 +267,7 @@ def test_results_help_has_a_description(capsys):
 def test_the_command_line_says_perplexity_as_the_app_does(capsys, tmp_path):
     from types import SimpleNamespace
 
-    from workbench.distill_cli import progress_line
+    from workbench.cli.distill import progress_line
     from workbench.report import format_summaries
 
     row = dict(id=1, created_at="2026-01-01T00:00:00", status="ok", model="tiny", dtype="fp32", techniques="",
@@ -279,10 +281,10 @@ def test_the_command_line_says_perplexity_as_the_app_does(capsys, tmp_path):
 
 def test_progress_lines_show_each_stage_and_its_first_progress(capsys):
     """The warm-up of a big batch narrates itself on stderr: its first progress line at once, then every 5 s."""
-    from workbench.cli import _progress_printer
+    from workbench.cli.common import progress_printer
     from workbench.events import StageEvent
 
-    printer = _progress_printer(True)
+    printer = progress_printer(True)
     for elapsed, state, message in ((0.0, "start", "1 untimed run(s)"), (40.0, "progress", "64/8,192 tokens, 40 s"),
                                     (41.0, "progress", "128/8,192 tokens, 41 s"),
                                     (46.0, "progress", "256/8,192 tokens, 46 s")):
@@ -293,8 +295,8 @@ def test_progress_lines_show_each_stage_and_its_first_progress(capsys):
 
 
 def test_more_threads_than_cores_is_a_warning_in_the_printed_result(capsys, tmp_path, monkeypatch):
-    import workbench.runner
+    import workbench.execution
 
-    monkeypatch.setattr(workbench.runner, "cpu_cores", lambda: 1)
+    monkeypatch.setattr(workbench.execution, "cpu_cores", lambda: 1)
     assert main(["run", "--model", "tiny", *FAST, "--threads", "2", "--store", str(tmp_path / "r.sqlite")]) == 0
     assert "warning: threads 2 is more than the 1 CPU cores this process may use" in capsys.readouterr().out

@@ -19,7 +19,7 @@ from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
 from tools.browser import browser, chromium_path, free_port, server, widget_button
 from workbench.config import RunConfig
-from workbench.dashboard import DashboardConfig, environment, notebook_path, voila_command
+from workbench.serve.dashboard import DashboardConfig, environment, notebook_path, voila_command
 from workbench.store import Store
 
 pytestmark = [pytest.mark.browser,
@@ -35,6 +35,17 @@ POINTS_JS = """(title) => {
   return -1;
 }"""
 
+TRACES_JS = """(title) => {  // for failure messages: markers drawn per trace, and the data each trace holds
+  for (const p of document.querySelectorAll('.js-plotly-plot')) {
+    const texts = [...p.querySelectorAll('.gtitle, .annotation-text')].map(t => t.textContent);
+    if (texts.some(t => t.startsWith(title))) return {
+      drawn: [...p.querySelectorAll('.scatterlayer .trace')].map(t => t.querySelectorAll('path.point').length),
+      data: (p.data || []).map(t => [t.name, (t.x || []).length, (t.y || []).length,
+                                     JSON.stringify(t.y || []).slice(0, 400)]),
+      title: texts};
+  }
+  return null;
+}"""
 BARS_JS = POINTS_JS.replace("'.scatterlayer .trace path.point'", "'.barlayer .trace .point'")
 FULL_WIDTH_JS = """() => {
   const plots = [...document.querySelectorAll('.js-plotly-plot')];
@@ -342,7 +353,8 @@ def test_four_pages_at_once_each_plot_their_own_run(empty_dashboard, chromium):
         seen = [drawn(page, tokens) for page in pages]
         want = [{"points": 2 * tokens, "history_runs": s["table_rows"], "title": f"History: {s['table_rows']} run",
                  "table_rows": s["table_rows"], "errors": [], "failed_models": 0} for s in seen]
-        assert seen == want, seen
+        assert seen == want, (seen, [p.page.evaluate(TRACES_JS, "Per-token latency") for p in pages],
+                              [p.console[-20:] for p in pages])
         assert all(s["table_rows"] >= finished_runs(p) for s, p in zip(seen, pages))
         pages[0].screenshot("dashboard-four-pages.png")
         record("four_pages", load_s=[round(p.cold_start_s, 1) for p in pages],

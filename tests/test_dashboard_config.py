@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from workbench.dashboard import (NOTEBOOK, DashboardConfig, dashboard_notebook, default_threads, environment,
+from workbench.serve.dashboard import (NOTEBOOK, DashboardConfig, dashboard_notebook, default_threads, environment,
                                  local_url, voila_command)
 from workbench.errors import ConfigError
 

@@ -33,7 +33,7 @@ def students_root(tmp_path_factory):
 @pytest.fixture(scope="module")
 def distilled(students_root):
     """One distillation of structured-pruned tiny: (result, events, logits of the in-memory best student)."""
-    import workbench.distill_train as dt
+    import workbench.distill.train as dt
 
     events, saved = [], {}
     real_save = dt.save_student
@@ -124,7 +124,7 @@ def test_stop_keeps_the_best_checkpoint(students_root, tmp_path):
 
 
 def test_layer_dropped_student_decodes_with_its_kv_cache(tiny):
-    from workbench.students import build_student, parse_student
+    from workbench.distill.students import build_student, parse_student
 
     student, _ = build_student(parse_student("layers:keep=2"), tiny, lambda *a: None)
     student.eval()

@@ -17,8 +17,8 @@ import pytest
 
 from workbench.config import RunConfig
 from workbench.errors import ConfigError
-from workbench.publish import PublishPolicy, check_distill, check_run, check_sensitivity, is_loopback
-from workbench.slots import RunSlots
+from workbench.serve.publish import PublishPolicy, check_distill, check_run, check_sensitivity, is_loopback
+from workbench.serve.slots import RunSlots
 
 
 # ---------------------------------------------------------------------------------------------- the lock
@@ -176,7 +176,7 @@ def test_stop_while_waiting_leaves_the_queue(tmp_path):
 
 HOLD = """
 import sys, time
-from workbench.slots import RunSlots
+from workbench.serve.slots import RunSlots
 slots = RunSlots(folder=sys.argv[1], count=1)
 slot = slots.try_acquire() if sys.argv[2] == "slot" else None
 if sys.argv[2] == "ticket":
@@ -311,7 +311,7 @@ def test_a_second_app_waits_for_the_run_slot_and_can_leave_the_queue(tmp_path):
 
 # ---------------------------------------------------------------------------------------------- serving
 def test_published_defaults():
-    from workbench.dashboard import DashboardConfig, local_url, voila_command
+    from workbench.serve.dashboard import DashboardConfig, local_url, voila_command
 
     local, public = DashboardConfig(), DashboardConfig(ip="0.0.0.0")
     assert (local.needs_token, local.locked, local.runs_limit, local.users_limit) == (False, False, 0, 0)
@@ -325,7 +325,7 @@ def test_published_defaults():
 
 
 def test_the_token_and_the_lock_reach_the_server_by_environment_only(tmp_path, monkeypatch, policy):
-    from workbench.dashboard import DashboardConfig, environment, server_token, voila_command
+    from workbench.serve.dashboard import DashboardConfig, environment, server_token, voila_command
 
     monkeypatch.setenv("WORKBENCH_POLICY", "inherited")
     monkeypatch.delenv("JUPYTER_TOKEN", raising=False)
@@ -342,7 +342,7 @@ def test_the_token_and_the_lock_reach_the_server_by_environment_only(tmp_path, m
 
 
 def test_cli_dashboard_publishing_flags(monkeypatch, capsys, tmp_path):
-    import workbench.dashboard as dashboard
+    import workbench.serve.dashboard as dashboard
     from workbench.cli import main
 
     served = {}
@@ -371,7 +371,7 @@ def test_kernel_cap_refuses_the_next_visitor_without_a_race(monkeypatch):
     from jupyter_server.services.kernels.kernelmanager import AsyncMappingKernelManager
     from tornado.web import HTTPError
 
-    from workbench.voila_limits import LimitedKernelManager
+    from workbench.serve.voila_limits import LimitedKernelManager
 
     started: list[str] = []
     gate = asyncio.Event()
@@ -416,7 +416,7 @@ def published(tmp_path_factory):
     from test_dashboard import DEFAULTS
 
     from tools.browser import free_port, server
-    from workbench.dashboard import DashboardConfig, environment, notebook_path, voila_command
+    from workbench.serve.dashboard import DashboardConfig, environment, notebook_path, voila_command
 
     root = tmp_path_factory.mktemp("published")
     config = DashboardConfig(ip="0.0.0.0", port=free_port(), store=str(root / "runs.sqlite"), cull_idle_s=600,

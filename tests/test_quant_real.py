@@ -149,7 +149,7 @@ def test_a_refusal_gives_the_blocking_reason_first_and_its_advice_works(name, dt
         assert message in (None, f"{name} cannot run on {device}: {reason}"), message
         if message is None:  # a valid config: refused when the run starts, before loading
             with pytest.raises(ConfigError, match=f"{name} cannot run on {device}"):
-                check_combination([parse_spec(name).spec()], dev)
+                check_combination([parse_spec(name)], dev)
         return
     if message is not None:
         advised = re.search(r"use --dtype (\w+)", message)
@@ -178,7 +178,7 @@ def test_int4_is_unavailable_on_cpu_with_one_sentence():
     reason = REGISTRY["torchao-int4-weight"].unavailable(CPU)
     assert reason == "torchao int4 weight-only kernels need a CUDA GPU"
     with pytest.raises(ConfigError, match="torchao-int4-weight cannot run on cpu: torchao int4 weight-only"):
-        check_combination(["torchao-int4-weight"], CPU)
+        check_combination([parse_spec("torchao-int4-weight")], CPU)
 
 
 def test_availability_by_device():

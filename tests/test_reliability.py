@@ -72,9 +72,10 @@ def test_pickle_checkpoint_is_refused_unless_opted_in(pickle_folder, monkeypatch
     opted_in = run(fast(model=str(pickle_folder), eval_tokens=0, allow_pickle=True))
     reference = run(fast(eval_tokens=0))
     assert opted_in.status == "ok" and opted_in.outputs == reference.outputs  # the same weights, the same tokens
-    from workbench.cli import _config_from_args, build_parser
+    from workbench.cli import build_parser
+    from workbench.flags import config_from_args
 
-    assert _config_from_args(build_parser().parse_args(["run", "--allow-pickle"])).allow_pickle
+    assert config_from_args(build_parser().parse_args(["run", "--allow-pickle"])).allow_pickle
     assert not RunConfig().allow_pickle
 
 
@@ -106,6 +107,8 @@ def test_weights_that_do_not_match_the_config(tmp_path, fast):
 
 def test_a_model_too_large_for_memory_is_refused_by_estimate_before_loading(tmp_path, monkeypatch, fast):
     """The config of a 405B-parameter model next to a tokenizer: refused from the numbers alone."""
+    import workbench.engines.hf
+    import workbench.measure.baseline
     import workbench.runner
 
     folder = tmp_path / "huge"
@@ -116,7 +119,8 @@ def test_a_model_too_large_for_memory_is_refused_by_estimate_before_loading(tmp_
     config.update(hidden_size=16384, num_hidden_layers=126, intermediate_size=53248, num_attention_heads=128,
                   num_key_value_heads=8, vocab_size=128256, max_position_embeddings=4096, tie_word_embeddings=False)
     (folder / "config.json").write_text(json.dumps(config))
-    monkeypatch.setattr(workbench.runner, "load_model", lambda *a, **k: pytest.fail("weights were loaded"))
+    for module in (workbench.engines.hf, workbench.measure.baseline):  # the run's model, the accuracy baseline
+        monkeypatch.setattr(module, "load_model", lambda *a, **k: pytest.fail("weights were loaded"))
     events: list = []
     with pytest.raises(InsufficientMemory, match=r"needs about \d+\.\d GiB on this machine \(weights .*the weights "
                                                  r"alone do not fit: .*--device-map auto"):
@@ -137,7 +141,7 @@ class OomInjector:
 
 @pytest.fixture
 def oom_in_measure(monkeypatch) -> OomInjector:
-    from workbench.generation import Generator
+    from workbench.engines.hf_generate import Generator
 
     injector, original = OomInjector(), Generator.__init__
 
@@ -420,10 +424,10 @@ def test_no_code_path_executes_what_it_reads():
 # --- the dashboard -----------------------------------------------------------------------------------------
 
 def test_the_dashboard_command_binds_localhost_unless_told_otherwise(monkeypatch, capsys):
-    import workbench.dashboard
+    import workbench.serve.dashboard
 
     commands: list[list[str]] = []
-    monkeypatch.setattr(workbench.dashboard.subprocess, "call", lambda cmd, env: commands.append(cmd) or 0)
+    monkeypatch.setattr(workbench.serve.dashboard.subprocess, "call", lambda cmd, env: commands.append(cmd) or 0)
     assert main(["dashboard"]) == 0
     assert main(["dashboard", "--ip", "0.0.0.0", "--port", "9000"]) == 0
     assert "--Voila.ip=127.0.0.1" in commands[0] and not any("0.0.0.0" in c for c in commands[0])

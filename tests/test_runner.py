@@ -133,9 +133,9 @@ def test_preset_has_random_weights_and_no_accuracy(fast):
 
 def test_a_broken_one_token_decode_path_is_flagged(fast, monkeypatch):
     """A kernel that is wrong only for one-token steps (as a miscompiled decode can be) gets a warning."""
-    import workbench.runner as runner
+    import workbench.engines.hf as hf
 
-    class BrokenDecode(runner.Generator):
+    class BrokenDecode(hf.Generator):
         def __init__(self, model, *args, **kwargs):
             forward = model.forward
 
@@ -148,7 +148,7 @@ def test_a_broken_one_token_decode_path_is_flagged(fast, monkeypatch):
             model.forward = one_token_wrong
             super().__init__(model, *args, **kwargs)
 
-    monkeypatch.setattr(runner, "Generator", BrokenDecode)
+    monkeypatch.setattr(hf, "Generator", BrokenDecode)
     events = []
     r = run(fast(max_new_tokens=8, eval_tokens=0), events.append)
     # only the first token, which comes from the (sound) multi-token prefill, is right: 1 of 8
@@ -214,10 +214,10 @@ def test_stop_between_warmup_tokens(fast):
 def test_more_threads_than_cores_is_a_warning(fast, monkeypatch):
     import os
 
-    import workbench.runner as runner
+    import workbench.execution as execution
 
-    assert runner.cpu_cores() == len(os.sched_getaffinity(0))
-    monkeypatch.setattr(runner, "cpu_cores", lambda: 1)
+    assert execution.cpu_cores() == len(os.sched_getaffinity(0))
+    monkeypatch.setattr(execution, "cpu_cores", lambda: 1)
     events = []
     r = run(fast(threads=2, eval_tokens=0), events.append)
     assert r.status == "ok"

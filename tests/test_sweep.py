@@ -54,13 +54,14 @@ def test_the_grid_is_the_product_in_order_with_stable_hashes():
     assert [config_hash(c) for c in configs] == [config_hash(c) for c in expected]
     assert spec.label(configs[-1]) == "tiny bf16 magnitude:sparsity=0.5 + sim:bits=8 max_new_tokens=3"
     assert SweepSpec.from_dict(spec.to_dict()).configs() == configs
-    from workbench.cli import _config_from_args, build_parser
+    from workbench.cli import build_parser
+    from workbench.flags import config_from_args
 
     args = build_parser().parse_args([
         "run", "--model", "tiny", "--warmup", "0", "--repeats", "1", "--min-duration-s", "0", "--max-new-tokens", "3",
         "--eval-tokens", "0", "--eval-context", "64", "--threads", "1", "--dtype", "bf16", "--prune", "magnitude",
         "--quant", "sim:bits=8,symmetric=true"])
-    assert config_hash(_config_from_args(args)) == config_hash(configs[-1])  # a sweep resumes `workbench run`s
+    assert config_hash(config_from_args(args)) == config_hash(configs[-1])  # a sweep resumes `workbench run`s
 
 
 def test_yaml_json_and_flags_give_the_same_configs(tmp_path):

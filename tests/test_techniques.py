@@ -49,7 +49,7 @@ def test_applies_to_the_reference_model_or_says_why_not(name, tiny):
         from workbench.techniques import check_combination
 
         with pytest.raises(ConfigError, match="cannot run on cpu"):
-            check_combination([parse_spec(name).spec()], CPU)
+            check_combination([parse_spec(name)], CPU)
         return
     cfg = parse_spec(name)
     model = copy.deepcopy(tiny.model)
@@ -159,7 +159,7 @@ def test_listing_says_where_each_technique_runs(capsys):
 
 def test_order_is_recorded_and_impossible_orders_are_refused():
     cfg = RunConfig(techniques=("magnitude:sparsity=0.5", "dynamic-int8"))
-    assert [s.split(":")[0] for s in cfg.techniques] == ["magnitude", "dynamic-int8"]
+    assert [s.split(":")[0] for s in cfg.technique_specs] == ["magnitude", "dynamic-int8"]
     with pytest.raises(ValueError, match="dynamic-int8 then magnitude: .*apply magnitude first"):
         RunConfig(techniques=("dynamic-int8", "magnitude"))
     with pytest.raises(ValueError, match="two quantizations"):
@@ -205,3 +205,37 @@ def test_techniques_never_touch_the_cached_baseline(fast):
     after = run(fast(eval_tokens=300)).accuracy
     assert after.kl_vs_baseline == pytest.approx(0.0, abs=1e-6)
     assert after.perplexity == pytest.approx(before.perplexity, rel=1e-6)
+
+
+def test_specs_are_parsed_once_when_the_config_is_built(monkeypatch, tiny):
+    """RunConfig parses each spec once; check_combination and apply_techniques use the parsed configs."""
+    import sys
+    from types import SimpleNamespace
+
+    from workbench.techniques import apply_techniques, base, check_combination
+
+    original, calls = base.parse_spec, []
+
+    def counting(spec):
+        calls.append(spec)
+        return original(spec)
+
+    for module in list(sys.modules.values()):  # every module holding its own reference to parse_spec
+        if getattr(module, "parse_spec", None) is original and module.__name__.startswith(("workbench", "widgets")):
+            monkeypatch.setattr(module, "parse_spec", counting)
+    cfg = RunConfig(techniques=("magnitude:sparsity=0.5", "sim:bits=8"), device="cpu")
+    assert calls == ["magnitude:sparsity=0.5", "sim:bits=8"]
+    check_combination(cfg.techniques, CPU)
+    loaded = SimpleNamespace(model=copy.deepcopy(tiny.model), tokenizer=tiny.tokenizer, device=CPU)
+    records = apply_techniques(loaded, cfg, lambda event: None)
+    assert [r.name for r in records] == ["magnitude", "sim"] and records[0].params["sparsity"] == 0.5
+    cfg.replace(seed=1)
+    assert len(calls) == 2, calls
+    assert RunConfig.from_json(cfg.to_json()) == cfg and len(calls) == 4  # read back from JSON: once each
+
+
+def test_check_combination_takes_parsed_configs_only():
+    from workbench.techniques import check_combination
+
+    with pytest.raises(TypeError, match="parsed technique configs"):
+        check_combination(["sim"], CPU)

@@ -1,4 +1,4 @@
-"""The Voila settings `workbench dashboard` loads (workbench/voila_config/voila.py), without a server."""
+"""The Voila settings `workbench dashboard` loads (workbench/serve/voila_config/voila.py), without a server."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import tornado.web
 
 from traitlets.config import Config
 
-from workbench.dashboard import VOILA_CONFIG, DashboardConfig, voila_command
+from workbench.serve.dashboard import VOILA_CONFIG, DashboardConfig, voila_command
 
 
 def test_the_dashboard_loads_its_voila_config_which_gives_each_page_its_xsrf_cookie():

@@ -21,10 +21,11 @@ from widgets.publish import policy_note, run_slot
 from widgets.plots import AccuracyPlot, LatencyPlot, MemoryPlot, RooflinePlot, live_figure, persist
 from widgets.sensitivity import SensitivityPanel
 from widgets.tables import parallel_html
+from widgets.views import views
 from workbench.config import RunConfig
 from workbench.errors import WorkbenchError
-from workbench.publish import PublishPolicy, check_run
-from workbench.slots import RunSlots
+from workbench.serve.publish import PublishPolicy, check_run
+from workbench.serve.slots import RunSlots
 from workbench.events import STAGES, MetricEvent, RepeatEvent, StageEvent, TokenEvent, WarningEvent
 from workbench.result import RunResult
 from workbench.paths import store_path as resolve_store
@@ -82,6 +83,8 @@ class Workbench(W.VBox):
         self.latency_plot, self.roofline_plot = LatencyPlot(cells[0], budget_ms), RooflinePlot(cells[1])
         self.memory_plot, self.accuracy_plot = MemoryPlot(cells[2]), AccuracyPlot(cells[3])
         persist(self.live)  # every painter's traces are in the state a page draws first (plotly #4998)
+        self.views = [view(self) for view in views()]  # how each section of a result is drawn
+        self.seen: dict[str, Any] = {}  # the sections of the current run so far
         self.history = HistoryPanel(self.store_path)
         if policy is not None:  # a locked server writes exports into its working folder, not the notebook's
             export = policy.resolve_path("workbench-results.csv", "export")
@@ -130,7 +133,8 @@ class Workbench(W.VBox):
         live = W.VBox([self.progress, self.status, self.error, self.model_info, self.text, self.run_notes,
                        self.execution],
                       layout={"flex": "1 1 auto"})
-        plots = W.VBox([self.live, W.HBox([self.latency_notes, self.accuracy_notes])])
+        plots = W.VBox([self.live, W.HBox([self.latency_notes, self.accuracy_notes]),
+                        *(v.widget for v in self.views if v.widget is not None)])
         title = W.HTML(CSS + "<h3 style='margin:4px 0'>LLM Inference Workbench</h3><span class='wb-note'>Choose a "
                        "model and techniques, press Run: latency, memory and accuracy are measured in one run.</span>"
                        + policy_note(self.policy))
@@ -150,9 +154,9 @@ class Workbench(W.VBox):
         for panel in self.settings.values():
             panel.form.set_values(values)
         if "techniques" in values:
-            from workbench.techniques import parse_spec
+            from workbench.techniques import TechniqueConfig, parse_spec
 
-            chosen = [parse_spec(s) for s in values["techniques"]]
+            chosen = [t if isinstance(t, TechniqueConfig) else parse_spec(t) for t in values["techniques"]]
             for panel in (self.prune, self.quant):
                 panel.set_enabled({c.name: c.params() for c in chosen})
         self.validate()
@@ -162,11 +166,12 @@ class Workbench(W.VBox):
         values: dict[str, Any] = self.model_panel.values()
         for panel in self.settings.values():
             values.update(panel.values())
-        techniques = self.prune.specs() + self.quant.specs()  # prune, then quantize
+        techniques = self.prune.configs() + self.quant.configs()  # prune, then quantize
         return RunConfig(**values, techniques=tuple(techniques))
 
     def refresh_availability(self) -> None:
-        """Technique rows follow the chosen device ("auto" resolved); an impossible device is left to validate()."""
+        """Technique rows follow the chosen device ("auto" resolved) and engine; an impossible device is left to
+        validate()."""
         from workbench.execution import resolve_device
 
         values = {k: v for panel in self.settings.values() for k, v in panel.values().items()}
@@ -175,7 +180,7 @@ class Workbench(W.VBox):
         except (ValueError, WorkbenchError):
             return
         for panel in (self.quant, self.prune):
-            panel.refresh(device)
+            panel.refresh(device, values.get("engine", "hf"))
 
     def validate(self) -> RunConfig | None:
         """Explain an impossible setting before Run (and disable Run); return the config when valid."""
@@ -230,6 +235,9 @@ class Workbench(W.VBox):
     def _reset_view(self) -> None:
         self.error.value = self.latency_notes.value = self.accuracy_notes.value = self.run_notes.value = ""
         self.execution.value = ""
+        self.seen = {}
+        for view in self.views:
+            view.reset()
         self._text, self._buffer = "", []
         self._set_text("")
         self.last_error = None
@@ -340,23 +348,10 @@ class Workbench(W.VBox):
             self.status.value = html.escape(f"{event.stage}: {event.message}")
 
     def _on_metric(self, event: MetricEvent) -> None:
-        value = event.value
-        if event.section == "latency":
-            self.latency_plot.summarize(value)
-        elif event.section == "memory":
-            self.memory_plot.show(value)
-        elif event.section == "accuracy":
-            self.accuracy_plot.show(value)
-        elif event.section == "roofline":
-            self.roofline_plot.show(value, self._decode)
-        elif event.section == "model":
-            self.model_info.value = html.escape(
-                f"{value.name}: {value.architecture}, {value.params / 1e6:.2f} M parameters, {value.dtype} on "
-                f"{value.device}" + (" — random weights" if value.random_weights else ""))
-        if event.section == "latency" and value is not None:
-            self._decode = value.decode_tokens_per_s
-
-    _decode: float | None = None
+        self.seen[event.section] = event.value
+        for view in self.views:
+            if view.section == event.section:
+                view.show(event.value, self.seen)
 
     def _warn(self, message: str, section: str) -> None:
         target = {"latency": self.latency_notes, "accuracy": self.accuracy_notes}.get(section, self.run_notes)
@@ -365,12 +360,8 @@ class Workbench(W.VBox):
     def _show_result(self, result: RunResult) -> None:
         """Final numbers (also after a stop): every plot shows the result's own values."""
         self.last_result = result
-        self.latency_plot.summarize(result.latency)
-        self.memory_plot.show(result.memory)
-        random = result.model is not None and result.model.random_weights
-        self.accuracy_plot.show(result.accuracy, "random weights" if random else
-                                ("run stopped" if result.status == "stopped" else "eval_tokens is 0"))
-        self.roofline_plot.show(result.roofline, result.latency.decode_tokens_per_s if result.latency else None)
+        for view in self.views:
+            view.final(result)
         if result.status == "stopped":
             self.progress.description, self.progress.bar_style = "stopped", "warning"
             self.status.value = f"stopped: partial result kept as run {result.run_id}"

@@ -98,7 +98,7 @@ class DistillPanel:
         config = DistillConfig(**values)
         policy = getattr(self.app, "policy", None)
         if policy is not None:  # the publisher's lock: listed models, caps, text only from the working folder
-            from workbench.publish import check_distill
+            from workbench.serve.publish import check_distill
 
             config = check_distill(policy, config)
         return config

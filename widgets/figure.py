@@ -7,20 +7,33 @@ and every later message to that model is dropped for good (`_handle_comm_msg` aw
 several pages loading on a busy machine, importing it took longer than 2 s and live plots stayed empty.
 `Figure` ships a small loader module instead: its `initialize` returns at once; when the first figure
 is drawn, the page asks the kernel for the bundle (once per page, shared by every figure) and imports
-it, and each figure's own front end starts then. Edits that arrive before that are not lost: the loader
-asks the kernel for the full state before drawing. The bundle never travels in the widget state, so
-running the notebook no longer pushes 5 MB per figure through the kernel's output channel: under load
-that delayed the app's display past Voila's 4-second wait for outputs (nbclient `iopub_timeout`), and
-the page came up without the app.
+it, and each figure's own front end starts then. Nothing the page missed is lost: once plotly's model
+listens, the loader asks the kernel for the full state, then draws. The bundle never travels in the
+widget state, so running the notebook no longer pushes 5 MB per figure through the kernel's output
+channel: under load that delayed the app's display past Voila's 4-second wait for outputs (nbclient
+`iopub_timeout`), and the page came up without the app.
+
+Edits come from two threads: the app's drawing thread changes the figure while the kernel's main thread
+handles what the page sends (plotly's views answer every edit with trace and layout deltas). ipywidgets
+applies a page's message inside traitlets' `hold_trait_notifications`, which swaps the figure's
+`notify_change` for a cache, for every thread; plotly sends each edit as `_py2js_update = msg` followed by
+`_py2js_update = None`, so an edit made in that window was folded into one change to `None` and never
+reached the page (the TTFT marker, sent once per run, went missing on a busy machine). A `Figure` holds one
+lock over the page's messages, every edit with its message, and the full-state answers: an edit is sent
+whole, and a state sent to the page is never older than an edit sent before it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import functools
 import hashlib
 import logging
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import plotly
 import plotly.graph_objects as go
@@ -32,8 +45,6 @@ _BUNDLE = (Path(plotly.__file__).parent / "package_data" / "widgetbundle.js").re
 BUNDLE, RESYNC = "workbench:bundle", "workbench:resync"  # requests from the page; answers carry the same type
 
 LOADER = """
-const PY2JS = ["addTraces", "deleteTraces", "moveTraces", "restyle", "relayout", "update", "animate",
-               "removeLayoutProps", "removeTraceProps"].map((name) => `change:_py2js_${name}`);
 const modules = (globalThis.__workbenchPlotly ??= new Map());  // one import per page, shared by every figure
 
 function ask(model, type, seconds) {  // send a request to the kernel; resolve with its answer (same type)
@@ -83,15 +94,15 @@ function fitWidth(model, el) {  // plotly sizes a plot once, when drawn: keep it
 }
 
 export default () => {
-  let missed = false;
   let init = null;  // the model as initialize got it: plotly's listeners must outlive any one view
   let started = null;
-  const note = () => { missed = true; };
   const start = () => (started ??= plotlyModule(init.model).then(async (mod) => {
     const widget = mod.default();
-    widget.initialize(init);
-    for (const name of PY2JS) init.model.off(name, note);
-    if (missed) await ask(init.model, "RESYNC", 30).catch(() => {});  // the full state, then its answer
+    widget.initialize(init);  // from here on plotly applies every edit to the model's _widget_data
+    // The state the page holds may be older than the figure: edits sent before plotly listened, a state copied
+    // before the page connected, edits sent before this model existed. The kernel sends the full state, then
+    // its answer (no edit between them).
+    await ask(init.model, "RESYNC", 30).catch(() => {});
     return widget;
   }));
   start.reset = () => { started = null; };
@@ -99,7 +110,6 @@ export default () => {
     initialize({ model, experimental }) {
       // Return at once: anywidget stops waiting for a model after 2 s. plotly starts with the first view.
       init = { model, experimental };
-      for (const name of PY2JS) model.on(name, note);
     },
     async render({ model, el, experimental }) {
       const widget = await start().catch((error) => { start.reset(); throw error; });
@@ -112,17 +122,51 @@ export default () => {
 """.replace('"BUNDLE"', f'"{BUNDLE}"').replace('"RESYNC"', f'"{RESYNC}"')
 
 
+_F = TypeVar("_F", bound=Callable[..., Any])
+_C = TypeVar("_C", bound=type)
+# plotly.py's entry points that change the figure and send the change, the sends themselves, and the handling
+# of a page's message: each runs whole under the figure's lock (see the module docstring)
+_SERIALIZED = ("set_state", "plotly_update", "plotly_restyle", "plotly_relayout", "_restyle_child",
+               "_relayout_child", "add_traces", "_repr_mimebundle_", "_send_addTraces_msg", "_send_deleteTraces_msg",
+               "_send_moveTraces_msg", "_send_restyle_msg", "_send_relayout_msg", "_send_update_msg",
+               "_send_animate_msg")
+
+
+def sync_lock(fig: go.FigureWidget) -> threading.RLock:
+    """The lock a figure's edits, sends and page messages share (made on first use)."""
+    lock = fig.__dict__.get("_workbench_sync_lock")
+    return lock if lock is not None else fig.__dict__.setdefault("_workbench_sync_lock", threading.RLock())
+
+
+def _serialized(method: _F) -> _F:
+    @functools.wraps(method)
+    def locked(self: go.FigureWidget, *args: Any, **kwargs: Any) -> Any:
+        with sync_lock(self):
+            return method(self, *args, **kwargs)
+    return locked  # type: ignore[return-value]
+
+
+def _serialize(cls: _C) -> _C:
+    """Class decorator: run each of `_SERIALIZED` under the figure's lock."""
+    for name in _SERIALIZED:
+        setattr(cls, name, _serialized(getattr(cls, name)))
+    return cls
+
+
 def persist(fig: go.FigureWidget) -> None:
     """Make the widget's synced state equal to the figure (for views that connect later)."""
-    fig._widget_data = copy.deepcopy(fig._data)
-    fig._widget_layout = copy.deepcopy(fig._layout)
+    with sync_lock(fig):
+        fig._widget_data = copy.deepcopy(fig._data)
+        fig._widget_layout = copy.deepcopy(fig._layout)
 
 
+@_serialize
 class Figure(go.FigureWidget):
     """A plotly FigureWidget whose 5 MB front end loads after anywidget's 2-second initialisation window.
 
     The bundle is not part of the widget's state: a page asks for it once (any figure answers) after it has
-    connected, so running the notebook sends the kernel's widgets without it.
+    connected, so running the notebook sends the kernel's widgets without it. Edits from any thread reach the
+    page whole (one lock; see the module docstring).
     """
 
     _esm = LOADER
@@ -133,12 +177,19 @@ class Figure(go.FigureWidget):
         super().__init__(*args, **kwargs)
         self.on_msg(self._on_message)
 
+    @contextlib.contextmanager
+    def batch_update(self) -> Iterator[None]:
+        """plotly's batch_update, holding the figure's lock from the first edit until the update is sent."""
+        with sync_lock(self), super().batch_update():
+            yield
+
     def _on_message(self, _: Any, content: Any, buffers: Any) -> None:
-        """Answer the page's requests: plotly's bundle; the full state (after edits it did not see)."""
+        """Answer the page's requests: plotly's bundle; the full state (then the answer, with no edit between)."""
         kind = content.get("type") if isinstance(content, dict) else None
         if kind == BUNDLE:
             self.send({"type": BUNDLE, "text": _BUNDLE})
         elif kind == RESYNC:
-            persist(self)
-            self.send_state(["_widget_data", "_widget_layout"])
-            self.send({"type": RESYNC})
+            with sync_lock(self):
+                persist(self)
+                self.send_state(["_widget_data", "_widget_layout"])
+                self.send({"type": RESYNC})

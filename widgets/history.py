@@ -11,9 +11,9 @@ import ipywidgets as W
 
 from widgets.forms import error_html
 from widgets.plots import ParetoPlot
-from workbench.analysis import ACCURACY_KEYS, LATENCY_KEYS, MEMORY_KEYS, METRICS, compare, describe, technique_labels
+from workbench.analysis import METRICS, compare, describe
 from workbench.errors import WorkbenchError
-from workbench.report import human_bytes
+from workbench.report import human_bytes, summary_cells
 from workbench.result import RunResult
 from workbench.store import Store
 
@@ -29,18 +29,11 @@ def _fmt(value: float | None, unit: str) -> str:
 
 
 def summary_table(rows: list[dict[str, Any]]) -> str:
-    """HTML table of stored runs (newest first)."""
-    head = ("id", "when (UTC)", "status", "model", "dtype", "techniques", "decode tok/s", "TTFT ms", "weights",
-            "perplexity", "KL", "error")
-    body = []
-    for r in rows:
-        cells = (r["id"], (r["created_at"] or "")[:19].replace("T", " "), r["status"], r["model"], r["dtype"],
-                 technique_labels(r["techniques"].split(" + ")) if r["techniques"] else "–", _fmt(r["decode_tokens_per_s"], ""), _fmt(r["ttft_ms_p50"], ""),
-                 _fmt(r["weights_bytes"], "bytes"), _fmt(r["perplexity"], ""), _fmt(r["kl_vs_baseline"], ""),
-                 (r["error"] or "")[:120])
-        body.append("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>")
-    return (f"<table class='wb-table'><thead><tr>{''.join(f'<th>{h}</th>' for h in head)}</tr></thead>"
-            f"<tbody>{''.join(body)}</tbody></table>")
+    """HTML table of stored runs (newest first): the same columns as `workbench results`."""
+    header, body = summary_cells(rows, dash="–")
+    cells = "".join("<tr>" + "".join(f"<td>{html.escape(c[:120])}</td>" for c in row) + "</tr>" for row in body)
+    return (f"<table class='wb-table'><thead><tr>{''.join(f'<th>{h}</th>' for h in header)}</tr></thead>"
+            f"<tbody>{cells}</tbody></table>")
 
 
 def comparison_table(a: RunResult, b: RunResult) -> str:
@@ -58,8 +51,9 @@ def comparison_table(a: RunResult, b: RunResult) -> str:
             f"<th>B: {html.escape(describe(b))}</th><th>B / A</th></tr></thead><tbody>{''.join(rows)}</tbody></table>")
 
 
-def _dropdown(keys: tuple[str, ...], value: str, description: str) -> W.Dropdown:
-    return W.Dropdown(options=[(METRICS[k].label, k) for k in keys], value=value, description=description,
+def _dropdown(value: str, description: str) -> W.Dropdown:
+    """Any metric of any tracker can be an axis (the registry's order: latency, memory, accuracy, ...)."""
+    return W.Dropdown(options=[(m.label, k) for k, m in METRICS.items()], value=value, description=description,
                       style={"description_width": "60px"}, layout={"width": "260px"})
 
 
@@ -83,9 +77,9 @@ class HistoryPanel:
         self.selected: list[int] = []
         self.results: list[RunResult] = []
         self.pareto = ParetoPlot(self.select)
-        self.x = _dropdown(LATENCY_KEYS, "e2e_ms_p50", "x")
-        self.y = _dropdown(ACCURACY_KEYS, "perplexity", "y")
-        self.size = _dropdown(MEMORY_KEYS, "weights_bytes", "size")
+        self.x = _dropdown("e2e_ms_p50", "x")
+        self.y = _dropdown("perplexity", "y")
+        self.size = _dropdown("weights_bytes", "size")
         for w in (self.x, self.y, self.size):
             w.observe(self._axes_changed, "value")
         self.refresh_button = W.Button(description="Refresh", icon="refresh", tooltip="Reload runs from the store")
@@ -114,8 +108,10 @@ class HistoryPanel:
         """Reload from the store (also picks up runs made from the CLI)."""
         try:
             store = self._store()
-            self.results = store.results(status=None)
             rows = store.summaries(limit=200)
+            # two reads: a run stored between them (another page's) waits for the next refresh, in both views
+            newest = rows[0]["id"] if rows else 0
+            self.results = [r for r in store.results(status=None) if r.run_id <= newest]
             self.table.value = summary_table(rows) if rows else \
                 f"<i>No runs yet in {html.escape(str(store.path))}: press Run.</i>"
             self.message.value = ""

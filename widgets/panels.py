@@ -10,7 +10,9 @@ import torch
 
 from widgets.forms import FieldForm, label
 from workbench.config import RunConfig
+from workbench.engines.base import engine_class
 from workbench.models.presets import PRESETS
+from workbench.techniques import TechniqueConfig, load_all
 
 OTHER = "__other__"
 RANDOM_NOTE = "random weights: speed and memory only"
@@ -106,40 +108,46 @@ class TechniqueRow:
         self.box = W.VBox([W.HBox([self.enabled, self.about]), self.form.box])
         self.refresh(device)
 
-    def refresh(self, device: torch.device) -> None:
-        """Re-evaluate whether the technique can run on `device`; if not, switch it off and say why."""
-        self.reason = self.cls.unavailable(device)
+    def refresh(self, device: torch.device, engine: str = "hf") -> None:
+        """Re-evaluate whether the technique can run on `device` with `engine`; if not, switch it off and say why."""
+        self.reason = engine_class(engine).can_apply(self.cls.name) or self.cls.unavailable(device)
         if self.reason is not None:
             self.enabled.value = False
         self.enabled.disabled = self.reason is not None
-        why = f" <b>unavailable on {html.escape(str(device))}:</b> {html.escape(self.reason)}" if self.reason else ""
+        where = html.escape(f"{device} ({engine})")
+        why = f" <b>unavailable on {where}:</b> {html.escape(self.reason)}" if self.reason else ""
         simulated = "" if self.cls.simulated is False else " (simulated)"
         self.about.value = f"<span class='wb-summary'>{html.escape(self.cls.summary)}{simulated}</span>{why}"
 
+    def config(self) -> TechniqueConfig | None:
+        """The technique's config when enabled (ValueError if a parameter is invalid), else None."""
+        return self.cls(**self.form.values()) if self.enabled.value else None
+
     def spec(self) -> str | None:
         """`NAME:key=value,...` when enabled (ValueError if a parameter is invalid), else None."""
-        if not self.enabled.value:
-            return None
-        return self.cls(**self.form.values()).spec()
+        config = self.config()
+        return None if config is None else config.spec()
 
 
 class TechniquesPanel:
     """Every registered technique of one kind (quant or prune), generated from the registry."""
 
     def __init__(self, kind: str, device: torch.device) -> None:
-        from workbench.techniques import load_all
-
         self.rows = {name: TechniqueRow(cls, device) for name, cls in sorted(load_all().items()) if cls.kind == kind}
         self.box = W.VBox([r.box for r in self.rows.values()])
 
-    def refresh(self, device: torch.device) -> None:
-        """Re-evaluate every row for `device` (called when the device input, or anything that decides it, changes)."""
+    def refresh(self, device: torch.device, engine: str = "hf") -> None:
+        """Re-evaluate every row (called when the device or engine input, or anything that decides them, changes)."""
         for row in self.rows.values():
-            row.refresh(device)
+            row.refresh(device, engine)
+
+    def configs(self) -> list[TechniqueConfig]:
+        """Enabled techniques' configs, in panel order (what RunConfig.techniques holds)."""
+        return [c for c in (r.config() for r in self.rows.values()) if c is not None]
 
     def specs(self) -> list[str]:
-        """Enabled techniques, in panel order."""
-        return [s for s in (r.spec() for r in self.rows.values()) if s]
+        """Enabled techniques' specs, in panel order."""
+        return [c.spec() for c in self.configs()]
 
     def observe(self, fn: Any) -> None:
         """Call fn on any change."""
@@ -155,7 +163,7 @@ class TechniquesPanel:
                 row.form.set_values(specs[name])
 
 
-# The inputs whose value decides which techniques can run (engine: once RunConfig has one).
+# The inputs whose value decides which techniques can run.
 AVAILABILITY_INPUTS = ("device", "engine")
 
 SETTINGS_GROUPS = {

@@ -6,8 +6,8 @@ import contextlib
 import html
 from collections.abc import Callable, Iterator
 
-from workbench.publish import PublishPolicy
-from workbench.slots import RunSlots
+from workbench.serve.publish import PublishPolicy
+from workbench.serve.slots import RunSlots
 
 
 def policy_note(policy: PublishPolicy | None) -> str:

@@ -55,7 +55,7 @@ class SensitivityPanel:
             spec = self.technique()
             model = self.app.model_panel.model()
             if getattr(self.app, "policy", None) is not None:  # the publisher's lock
-                from workbench.publish import check_sensitivity
+                from workbench.serve.publish import check_sensitivity
 
                 check_sensitivity(self.app.policy, model, self.tokens.value)
         except ValueError as e:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from workbench.measure import tracker
 from workbench.result import RunResult
 
 
@@ -27,33 +28,13 @@ class Metric:
         return None if v is None else float(v)
 
 
-def _m(key: str, label: str, unit: str, better: str, get: Callable[[RunResult], float | None]) -> Metric:
-    return Metric(key, label, unit, better, get)
+def _section_metric(section: str, axis: tracker.Axis) -> Metric:
+    return Metric(axis.key, axis.label, axis.unit, axis.better, lambda r: axis.get(r.sections.get(section)))
 
 
 METRICS: dict[str, Metric] = {m.key: m for m in (
-    _m("ttft_ms_p50", "TTFT p50", "ms", "lower", lambda r: r.latency.ttft_ms.p50),
-    _m("tpot_ms_p50", "TPOT p50", "ms", "lower", lambda r: r.latency.tpot_ms.p50),
-    _m("e2e_ms_p50", "E2E p50", "ms", "lower", lambda r: r.latency.e2e_ms.p50),
-    _m("decode_tokens_per_s", "decode", "tokens/s", "higher", lambda r: r.latency.decode_tokens_per_s),
-    _m("prefill_tokens_per_s", "prefill", "tokens/s", "higher", lambda r: r.latency.prefill_tokens_per_s),
-    _m("perplexity", "perplexity", "", "lower", lambda r: r.accuracy.perplexity),
-    _m("kl_vs_baseline", "KL vs unmodified", "nats", "lower", lambda r: r.accuracy.kl_vs_baseline),
-    _m("top1_agreement", "top-1 agreement", "", "higher", lambda r: r.accuracy.top1_agreement_vs_baseline),
-    _m("greedy_match", "greedy match", "", "higher", lambda r: r.accuracy.greedy_match_vs_baseline),
-    _m("next_token_accuracy", "next-token accuracy", "", "higher", lambda r: r.accuracy.next_token_accuracy),
-    _m("weights_bytes", "weights", "bytes", "lower", lambda r: r.memory.weights_bytes),
-    _m("kv_cache_bytes", "KV cache", "bytes", "lower", lambda r: r.memory.kv_cache_bytes),
-    _m("peak_host_bytes", "host peak (run)", "bytes", "lower", lambda r: r.memory.peak_host_bytes),
-    _m("load_peak_host_bytes", "host peak (load)", "bytes", "lower", lambda r: r.memory.load_peak_host_bytes),
-    _m("peak_gpu_allocated_bytes", "GPU peak allocated", "bytes", "lower",
-       lambda r: r.memory.peak_gpu_allocated_bytes),
-    _m("fraction_of_bound", "share of the roofline", "", "higher", lambda r: r.roofline.fraction_of_bound),
-    _m("params", "parameters", "", "lower", lambda r: r.model.params),
-)}
-LATENCY_KEYS = ("e2e_ms_p50", "tpot_ms_p50", "ttft_ms_p50", "decode_tokens_per_s")
-ACCURACY_KEYS = ("perplexity", "kl_vs_baseline", "top1_agreement", "next_token_accuracy")
-MEMORY_KEYS = ("weights_bytes", "peak_host_bytes", "peak_gpu_allocated_bytes", "kv_cache_bytes")
+    [_section_metric(t.section, a) for t in tracker.trackers() for a in t.axes]
+    + [Metric("params", "parameters", "", "lower", lambda r: r.model.params)])}
 
 
 def dominates(a: Sequence[float], b: Sequence[float], better: Sequence[str]) -> bool:
@@ -125,7 +106,7 @@ def technique_labels(specs: Sequence[str]) -> str:
 def describe(r: RunResult) -> str:
     """A run's settings in one line (hover text, table rows)."""
     cfg = r.config
-    techniques = technique_labels(cfg.techniques) or "no technique"
+    techniques = " + ".join(t.label() for t in cfg.techniques) or "no technique"
     return (f"run {r.run_id if r.run_id is not None else '-'}: {cfg.model} {cfg.dtype} on "
             f"{r.model.device if r.model else cfg.device}; {techniques}; batch {cfg.batch_size}, "
             f"{cfg.max_new_tokens} new tokens" + ("" if r.status == "ok" else f" ({r.status})"))

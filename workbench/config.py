@@ -5,82 +5,22 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-import types
-import typing
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
+from workbench.models.presets import PRESETS
+from workbench.options import check_field, check_fields, option
+from workbench.parallel.placement import parse_device_map, parse_max_memory
 from workbench.serde import from_dict, to_dict
+from workbench.techniques.base import TechniqueConfig
+from workbench.techniques.rules import check_techniques
+
+__all__ = ["RunConfig", "DTYPES", "DEFAULT_PROMPT", "spell_fields", "option", "check_field", "check_fields"]
 
 DTYPES = ("fp32", "fp16", "bf16")
 DEFAULT_PROMPT = "The for statement is used to"
 _DEVICE_RE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
-
-
-def option(default: Any, help: str, *, group: str = "Run", choices: tuple | None = None,
-           minimum: float | None = None, maximum: float | None = None, flag: str | None = None,
-           **extra: Any) -> Any:
-    """A dataclass field whose metadata feeds validation, the CLI's --help and the widgets' tooltips."""
-    meta = {"help": help, "group": group, "choices": choices, "min": minimum, "max": maximum,
-            "flag": flag, **extra}
-    if isinstance(default, (list, dict)):
-        raise TypeError("use tuples for sequence defaults: configs are frozen")
-    return field(default=default, metadata=meta)
-
-
-def check_field(obj: Any, f: dataclasses.Field) -> None:
-    """Raise ValueError naming the allowed values when obj.<f> breaks its metadata's bounds."""
-    value, meta = getattr(obj, f.name), f.metadata
-    if value is None:
-        return
-    choices = meta.get("choices")
-    if choices and value not in choices:
-        raise ValueError(f"{f.name} must be one of {', '.join(map(str, choices))}; got {value!r}")
-    lo, hi = meta.get("min"), meta.get("max")
-    if (lo is not None or hi is not None) and isinstance(value, (int, float)) and not isinstance(value, bool):
-        if (lo is not None and value < lo) or (hi is not None and value > hi):
-            rng = f"{lo if lo is not None else '-inf'}..{hi if hi is not None else 'inf'}"
-            raise ValueError(f"{f.name} must be in {rng}; got {value}")
-
-
-_SCALARS = {int: "an integer", float: "a number", str: "text", bool: "true or false"}
-
-
-def _check_type(obj: Any, f: dataclasses.Field, hint: Any) -> None:
-    """Raise ValueError when a scalar field holds a value of the wrong type (e.g. from JSON)."""
-    value = getattr(obj, f.name)
-    if typing.get_origin(hint) not in (None, typing.Union, types.UnionType):
-        return  # containers are checked by the class itself
-    allowed = [a for a in (typing.get_args(hint) or (hint,)) if a in _SCALARS]
-    if value is None or not allowed:
-        return
-    ok = any(isinstance(value, a) and not (a in (int, float) and isinstance(value, bool)) for a in allowed)
-    if float in allowed and isinstance(value, int) and not isinstance(value, bool):
-        ok = True
-    if not ok:
-        raise ValueError(f"{f.name} must be {_SCALARS[allowed[0]]}; got {value!r}")
-
-
-def _check_text(obj: Any, f: dataclasses.Field) -> None:
-    """Raise ValueError when text holds a lone surrogate (undecodable bytes from argv, a broken widget value)."""
-    value = getattr(obj, f.name)
-    for text in value if isinstance(value, tuple) else (value,):
-        if isinstance(text, str):
-            try:
-                text.encode("utf-8")
-            except UnicodeEncodeError as e:
-                raise ValueError(f"{f.name} is not valid Unicode text: character {e.start} is a lone surrogate "
-                                 "(undecodable bytes?); give UTF-8 text") from None
-
-
-def check_fields(obj: Any) -> None:
-    """Validate every field of a dataclass instance against its type and metadata."""
-    hints = typing.get_type_hints(type(obj))
-    for f in dataclasses.fields(obj):
-        _check_type(obj, f, hints[f.name])
-        _check_text(obj, f)
-        check_field(obj, f)
 
 
 # A one-word field name is a setting only as a sentence's first word ("model must be ..."), before "=" or ">=",
@@ -108,6 +48,9 @@ class RunConfig:
     dtype: str = option("fp32", "Weight and activation dtype.", group="Model", choices=DTYPES)
     device: str = option("auto", "Where to run: auto (CUDA if present, else CPU), cpu, cuda or cuda:N.",
                          group="Execution")
+    engine: str = option("hf", "Inference engine: hf (PyTorch through Hugging Face transformers). `workbench "
+                         "techniques --engine E` lists what each engine can apply.", group="Execution",
+                         choices=("hf",))
     trust_remote_code: bool = option(False, "Allow a hub model to run its own Python code (off: "
                                      "only architectures built into transformers load).", group="Model")
     allow_pickle: bool = option(False, "Allow a pickle checkpoint (pytorch_model.bin) when a model has no "
@@ -155,9 +98,10 @@ class RunConfig:
                               "windows (0: skip accuracy).", group="Accuracy", minimum=0, maximum=1_000_000)
     eval_context: int = option(256, "Tokens per evaluation window (capped at the model's context).",
                                group="Accuracy", minimum=2, maximum=131072)
-    techniques: tuple[str, ...] = option((), "Compression techniques applied in order after loading, "
-                                         "each NAME or NAME:key=value,... (see `workbench techniques`).",
-                                         group="Techniques")
+    techniques: tuple[TechniqueConfig, ...] = option(
+        (), "Compression techniques applied in order after loading, each NAME or NAME:key=value,... (see "
+        "`workbench techniques`) or a technique config; held parsed, written as canonical specs in JSON.",
+        group="Techniques")
     token_events: bool = option(True, "Emit an event per generated token (live plots); off to "
                                 "measure without it.", group="Measurement",
                                 help_off="Emit no per-token events (no live per-token plot), to measure without "
@@ -170,8 +114,6 @@ class RunConfig:
         if not isinstance(self.model, str) or not self.model.strip():
             raise ValueError("model must be 'tiny', 'preset:NAME', a hub id or a folder; got an empty value")
         if self.model.startswith("preset:"):
-            from workbench.models.presets import PRESETS
-
             name = self.model.split(":", 1)[1]
             if name not in PRESETS:
                 raise ValueError(f"unknown preset {name!r}; presets: {', '.join(sorted(PRESETS))}")
@@ -182,12 +124,21 @@ class RunConfig:
         if self.prompt is not None and not self.prompt.strip():
             raise ValueError("prompt is empty: give some text, or prompt_tokens=N")
         self._check_parallelism()
-        if isinstance(self.techniques, (list, str)):
-            object.__setattr__(self, "techniques", tuple([self.techniques] if isinstance(self.techniques, str)
-                                                         else self.techniques))
-        from workbench.techniques import normalize_specs
+        self._parse_techniques()
 
-        object.__setattr__(self, "techniques", normalize_specs(self.techniques, self.dtype, self.device))
+    def _parse_techniques(self) -> None:
+        """Specs parsed once, configs kept, the whole list checked as a combination (ConfigError naming a conflict)."""
+        items = self.techniques
+        if isinstance(items, (str, TechniqueConfig)):
+            items = (items,)
+        if not isinstance(items, (list, tuple)):
+            raise ValueError(f"techniques must be a list of specs such as 'sim:bits=4'; got {items!r}")
+        object.__setattr__(self, "techniques", check_techniques(items, self.dtype, self.device))
+
+    @property
+    def technique_specs(self) -> tuple[str, ...]:
+        """The techniques' canonical specs (`sim:bits=8,...`), as JSON, the store and tables write them."""
+        return tuple(t.spec() for t in self.techniques)
 
     def _check_parallelism(self) -> None:
         """Settings that exclude each other, refused with the reason."""
@@ -203,12 +154,8 @@ class RunConfig:
             raise ValueError("max_memory caps an automatic device_map: set device_map to auto, balanced or "
                              "sequential")
         if self.device_map:
-            from workbench.parallel.placement import parse_device_map
-
             parse_device_map(self.device_map)
         if self.max_memory:
-            from workbench.parallel.placement import parse_max_memory
-
             parse_max_memory(self.max_memory)
         if self.compile:
             if self.kv_cache != "static":
@@ -219,12 +166,12 @@ class RunConfig:
                 raise ValueError("compile does not work with a device_map's offload hooks; drop one of them")
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain dict (JSON edge)."""
+        """Plain dict (JSON edge); each technique as its canonical spec string."""
         return to_dict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RunConfig:
-        """Inverse of `to_dict`; validates like the constructor."""
+        """Inverse of `to_dict` (technique specs parsed); validates like the constructor."""
         return from_dict(cls, data)
 
     def to_json(self) -> str:

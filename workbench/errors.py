@@ -29,3 +29,9 @@ class StoreError(WorkbenchError):
 
 class RunFailed(WorkbenchError):
     """The run failed part-way (e.g. out of memory); memory was released."""
+
+
+def is_oom(error: BaseException) -> bool:
+    """True for an out-of-memory failure of the GPU (torch.OutOfMemoryError) or the host allocator."""
+    text = str(error).lower()
+    return type(error).__name__ == "OutOfMemoryError" or "out of memory" in text or "can't allocate memory" in text

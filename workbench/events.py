@@ -46,7 +46,8 @@ class RepeatEvent:
 
 @dataclass(frozen=True)
 class MetricEvent:
-    """A section of the result is ready (`section` names a RunResult field; `value` its dataclass)."""
+    """A section of a result is ready: for a run, `section` is a tracker's section (or `model`) and `value`
+    its dataclass; distillation sends `start` (DistillStart) and `result` (DistillResult)."""
 
     section: str
     value: Any
@@ -101,6 +102,16 @@ class TokenProgress:
     def for_steps(self, offset: int, per_step: int) -> Callable[[int, float], None]:
         """A generate progress callback: after `steps` tokens per row, `offset + steps * per_step` are done."""
         return lambda steps, _elapsed: self.update(offset + steps * per_step)
+
+    def polled(self, should_stop: Callable[[], bool], polls: int) -> Callable[[], bool]:
+        """`should_stop` for a loop that polls it `polls` times in all: each poll also narrates its share of total."""
+        count = [0]
+
+        def poll() -> bool:
+            count[0] += 1
+            self.update(min(polls, count[0]) * self.total // polls)
+            return should_stop()
+        return poll
 
     def update(self, done: int) -> None:
         """`done` of `total` tokens are through."""

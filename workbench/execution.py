@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import time
 from collections.abc import Iterator
 
+import psutil
 import torch
 
 from workbench.errors import ConfigError
@@ -49,3 +52,34 @@ def set_interop_threads(n: int | None) -> str | None:
         return (f"inter-op threads stay at {torch.get_num_interop_threads()}: PyTorch sets them once per process "
                 f"(asked for {n}; run in a fresh process, e.g. a sweep with --isolate)")
     return None
+
+
+def cpu_cores() -> int:
+    """CPU cores this process may run on."""
+    with contextlib.suppress(AttributeError, OSError):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def threads_warning(threads: int | None) -> str | None:
+    """A warning when more intra-op threads are asked for than this process has CPU cores."""
+    cores = cpu_cores()
+    if not threads or threads <= cores:
+        return None
+    return (f"threads {threads} is more than the {cores} CPU cores this process may use: the threads take turns "
+            f"on the cores, so the timings are slower and noisier than they would be with {cores} threads")
+
+
+class CpuBusy:
+    """Context manager: CPU seconds this process used / (wall seconds x intra-op threads) inside the block."""
+
+    share: float | None = None
+
+    def __enter__(self) -> CpuBusy:
+        self.cpu, self.wall = psutil.Process().cpu_times(), time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        cpu, wall = psutil.Process().cpu_times(), time.perf_counter() - self.wall
+        used = (cpu.user - self.cpu.user) + (cpu.system - self.cpu.system)
+        self.share = used / (wall * torch.get_num_threads()) if wall > 0 else None

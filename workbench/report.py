@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from workbench.measure import tracker
 from workbench.result import Percentiles, RunResult
 
 
@@ -19,11 +20,13 @@ def human_bytes(n: float | None) -> str:
     return f"{n:.1f} TiB"
 
 
-def _num(x: float | None, fmt: str = ".2f", suffix: str = "") -> str:
+def num(x: float | None, fmt: str = ".2f", suffix: str = "") -> str:
+    """A number in `fmt` with its suffix; None -> '-'."""
     return "-" if x is None else f"{x:{fmt}}{suffix}"
 
 
-def _pct(p: Percentiles | None) -> str:
+def pct(p: Percentiles | None) -> str:
+    """'p50 / p90 / p99' in ms; None -> '-'."""
     return "-" if p is None else f"{p.p50:.2f} / {p.p90:.2f} / {p.p99:.2f}"
 
 
@@ -42,7 +45,7 @@ def table(rows: Sequence[Sequence[Any]], header: Sequence[str] | None = None) ->
 def format_result(r: RunResult) -> str:
     """The result of one run as labelled sections."""
     out = []
-    m, lat, mem, acc, roof = r.model, r.latency, r.memory, r.accuracy, r.roofline
+    m = r.model
     head = f"run {r.run_id if r.run_id is not None else '-'}: {r.status}"
     if m:
         head += (f" — {m.name} ({m.architecture}, {m.params / 1e6:.2f} M params, {m.dtype} on {m.device}"
@@ -52,33 +55,10 @@ def format_result(r: RunResult) -> str:
         out.append("techniques: " + "; ".join(
             f"{t.name}{' (simulated)' if t.simulated else ''}" for t in r.techniques))
     rows = []
-    if lat:
-        rows += [("TTFT p50/p90/p99", _pct(lat.ttft_ms) + " ms"), ("TPOT p50/p90/p99", _pct(lat.tpot_ms) + " ms"),
-                 ("ITL p50/p90/p99", _pct(lat.itl_ms) + " ms"), ("E2E p50/p90/p99", _pct(lat.e2e_ms) + " ms"),
-                 ("prefill", _num(lat.prefill_tokens_per_s, ".0f", " tokens/s")),
-                 ("decode", _num(lat.decode_tokens_per_s, ".1f", " tokens/s")
-                  + (f" aggregate, {_num(lat.decode_tokens_per_s_per_sequence, '.1f')} per sequence"
-                     if lat.batch_size > 1 else "")),
-                 ("repeats", f"{lat.repeats} timed (+{lat.warmup} warm-up), {lat.batch_size} x {lat.new_tokens} "
-                             f"new tokens after {lat.prompt_tokens} prompt tokens, CV {_num(lat.cv, '.1%')}")]
-    if lat and lat.cold_start_s is not None:
-        rows.append(("cold start", f"{lat.cold_start_s:.2f} s (load, apply, compile, warm-up; not in the latency)"))
+    for t in tracker.trackers():
+        stats = r.sections.get(t.section)
+        rows += t.rows(stats) if stats is not None else []
     rows += _parallel_rows(r)
-    if mem:
-        rows += [("weights", human_bytes(mem.weights_bytes)), ("KV cache", human_bytes(mem.kv_cache_bytes)),
-                 ("host peak: load / run", f"{human_bytes(mem.load_peak_host_bytes)} / {human_bytes(mem.peak_host_bytes)}")]
-        if mem.peak_gpu_allocated_bytes is not None:
-            rows.append(("GPU peak: allocated / reserved",
-                         f"{human_bytes(mem.peak_gpu_allocated_bytes)} / {human_bytes(mem.peak_gpu_reserved_bytes)}"))
-    if acc:
-        rows += [("perplexity", _num(acc.perplexity)), ("next-token accuracy", _num(acc.next_token_accuracy, ".3f")),
-                 ("KL vs unmodified", _num(acc.kl_vs_baseline, ".4f", " nats")),
-                 ("top-1 / greedy agreement", f"{_num(acc.top1_agreement_vs_baseline, '.1%')} / "
-                                              f"{_num(acc.greedy_match_vs_baseline, '.1%')}")]
-    if roof and roof.decode_bound_tokens_per_s:
-        rows.append(("roofline", f"{_num(roof.fraction_of_bound, '.0%')} of {roof.decode_bound_tokens_per_s:.0f} "
-                                 f"tokens/s ({human_bytes(roof.bandwidth_bytes_per_s)}/s, "
-                                 f"{human_bytes(roof.bytes_per_token)} per token)"))
     out.append(table(rows))
     if r.output_text:
         out.append("output: " + r.output_text.replace("\n", "\\n")[:200])
@@ -92,7 +72,7 @@ def _parallel_rows(r: RunResult) -> list[tuple[str, str]]:
     """Execution settings, where layers live, and each rank's share."""
     c, p, rows = r.config, r.parallel, []
     if c is not None:
-        rows.append(("execution", f"{c.threads or 'all'} threads, {c.attn_implementation} attention, "
+        rows.append(("execution", f"{c.engine} engine, {c.threads or 'all'} threads, {c.attn_implementation} attention, "
                                   f"{c.kv_cache} KV cache{', torch.compile' if c.compile else ''}"))
     if p is None:
         return rows
@@ -108,20 +88,27 @@ def _parallel_rows(r: RunResult) -> list[tuple[str, str]]:
                         if p.aggregate_decode_tokens_per_s else "")))
     for k in p.ranks if p.world_size > 1 else ():
         rows.append((f"  rank {k.rank}", f"{k.device}, {k.threads} threads, {k.rows} prompts, busy "
-                                         f"{_num(k.busy, '.0%')}, {_num(k.decode_tokens_per_s, '.1f')} tokens/s"))
+                                         f"{num(k.busy, '.0%')}, {num(k.decode_tokens_per_s, '.1f')} tokens/s"))
     return rows
+
+
+def summary_cells(rows: list[dict[str, Any]], dash: str = "-") -> tuple[list[str], list[list[str]]]:
+    """Header and cells of a listing of stored runs: identity, every tracker's labelled columns, the error."""
+    from workbench.analysis import technique_labels
+
+    columns = [c for c in tracker.columns() if c.label]
+    header = ["id", "when (UTC)", "status", "model", "engine", "dtype", "techniques"] + [c.label for c in columns]
+    body = [[str(r["id"]), (r["created_at"] or "")[:19].replace("T", " "), r["status"], r["model"],
+             r.get("engine") or "hf", r["dtype"],
+             technique_labels(r["techniques"].split(" + ")) if r["techniques"] else dash]
+            + [c.fmt(r[c.name]) if r.get(c.name) is not None else dash for c in columns] for r in rows]
+    return header + ["error"], [b + [r["error"] or ""] for b, r in zip(body, rows)]
 
 
 def format_summaries(rows: list[dict[str, Any]]) -> str:
     """The `workbench results` listing."""
-    from workbench.analysis import technique_labels
-
-    body = [(r["id"], (r["created_at"] or "")[:19].replace("T", " "), r["status"], r["model"], r["dtype"],
-             technique_labels(r["techniques"].split(" + ")) if r["techniques"] else "-",
-             _num(r["decode_tokens_per_s"], ".1f"), _num(r["ttft_ms_p50"], ".1f"), human_bytes(r["weights_bytes"]),
-             _num(r["perplexity"]), _num(r["kl_vs_baseline"], ".4f"), (r["error"] or "")[:60]) for r in rows]
-    return table(body, ("id", "when (UTC)", "status", "model", "dtype", "techniques", "decode tok/s", "TTFT ms",
-                        "weights", "perplexity", "KL", "error"))
+    header, body = summary_cells(rows)
+    return table([b[:-1] + [b[-1][:60]] for b in body], header)
 
 
 def format_sensitivity(report) -> str:  # SensitivityReport
@@ -136,7 +123,7 @@ def format_sensitivity(report) -> str:  # SensitivityReport
     out = [f"{parse_spec(report.technique).label()} on {report.model}: KL (nats/token) / weight SQNR (dB) per layer",
            table(rows, ["layer"] + modules)]
     outside = [r for r in report.layers if r.block is None]
-    out += [f"{r.layer}: KL {r.kl:.2e}, SQNR {_num(r.sqnr_db, '.1f')} dB" for r in outside]
+    out += [f"{r.layer}: KL {r.kl:.2e}, SQNR {num(r.sqnr_db, '.1f')} dB" for r in outside]
     if report.histogram:
         h = report.histogram
         out.append(f"histogram of {h.layer}: {len(h.before)} bins over [{h.edges[0]:.3g}, {h.edges[-1]:.3g}], "

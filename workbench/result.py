@@ -7,6 +7,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from workbench.config import RunConfig
+from workbench.measure import tracker
 from workbench.serde import from_dict, to_dict
 
 
@@ -158,16 +159,18 @@ class EnvInfo:
 
 @dataclass(frozen=True)
 class RunResult:
-    """Everything one run measured. `status` is ok, stopped (partial) or error."""
+    """Everything one run measured. `status` is ok, stopped (partial) or error.
+
+    `sections` holds each tracker's dataclass by section name (`latency`, `memory`, `accuracy`, `roofline`,
+    `energy`, ...; None where not measured); each is also an attribute (`result.latency`) and a top-level
+    key of the JSON.
+    """
 
     config: RunConfig
     model: ModelInfo | None
-    latency: LatencyStats | None
-    memory: MemoryStats | None
-    accuracy: AccuracyStats | None
-    roofline: RooflineStats | None
     techniques: tuple[TechniqueRecord, ...]
     env: EnvInfo | None
+    sections: dict[str, Any] = field(default_factory=dict)
     warnings: tuple[str, ...] = ()
     status: str = "ok"
     error: str | None = None
@@ -178,14 +181,33 @@ class RunResult:
     duration_s: float = 0.0
     run_id: int | None = field(default=None, compare=False)
 
+    def __post_init__(self) -> None:
+        """Every registered section is present (None where not measured)."""
+        object.__setattr__(self, "sections", {**{name: None for name in tracker.sections()}, **self.sections})
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_") or name == "sections" or name not in tracker.sections():
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        return self.__dict__.get("sections", {}).get(name)
+
     def to_dict(self) -> dict[str, Any]:
-        """Plain dict with the DESIGN.md keys (for JSON and the store)."""
-        return to_dict(self)
+        """Plain dict with the DESIGN.md keys (for JSON and the store): every section a top-level key."""
+        data = to_dict(self)
+        measured = data.pop("sections")
+        order = ["config", "model"] + list(tracker.sections())
+        sections = {name: measured.get(name) for name in tracker.sections()}
+        merged = {**{k: data[k] for k in ("config", "model")}, **sections, **data}
+        return {k: merged[k] for k in order + [k for k in merged if k not in order]}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RunResult:
-        """Inverse of `to_dict`."""
-        return from_dict(cls, data)
+        """Inverse of `to_dict` (a section a run stored before its tracker existed is None)."""
+        data, known = dict(data), tracker.sections()
+        sections = {name: from_dict(kind, data[name]) if data.get(name) is not None else None
+                    for name, kind in known.items() if name in data}
+        for name in known:
+            data.pop(name, None)
+        return replace(from_dict(cls, data), sections=sections)
 
     def to_json(self, **kwargs: Any) -> str:
         """One JSON object."""

@@ -21,7 +21,7 @@ from workbench.measure.accuracy import compute_baseline, evaluate, make_windows
 from workbench.models.loader import load_model
 from workbench.models.sources import resolve
 from workbench.serde import from_dict, to_dict
-from workbench.techniques import ApplyContext, handler_for, parse_spec
+from workbench.techniques import ApplyContext, TechniqueConfig, handler_for
 from workbench.techniques._targets import block_weights, weight_matrix
 from workbench.techniques.sim import sqnr_db
 from workbench.textio import heldout_ids
@@ -118,9 +118,8 @@ def _histogram(name: str, before: torch.Tensor, after: torch.Tensor, bins: int =
                            tuple(int(x) for x in h_after.tolist()), int(after.unique().numel()))
 
 
-def _compressed_copy(loaded: Any, spec: str, dtype: str, on_event: OnEvent) -> torch.nn.Module:
+def _compressed_copy(loaded: Any, cfg: TechniqueConfig, dtype: str, on_event: OnEvent) -> torch.nn.Module:
     """A deep copy of the model with the technique applied to every layer."""
-    cfg = parse_spec(spec)
     model = copy.deepcopy(loaded.model)
     ctx = ApplyContext(model, loaded.tokenizer, loaded.device, dtype,
                        lambda m, f: on_event(StageEvent("apply", "progress", m, f)))
@@ -168,8 +167,8 @@ def analyze(model: str = "tiny", technique: str = "sim:bits=4", *, dtype: str = 
     """Per-layer SQNR and KL of `technique` on `model`; None if stopped."""
     from workbench.execution import resolve_device
 
-    spec = RunConfig(model=model, dtype=dtype, device=device, techniques=(technique,)).techniques[0]
-    name = parse_spec(spec).name
+    cfg = RunConfig(model=model, dtype=dtype, device=device, techniques=(technique,)).techniques[0]
+    spec, name = cfg.spec(), cfg.name
     dev = resolve_device(device)
     on_event(StageEvent("load", "start", f"loading {model}"))
     loaded = load_model(resolve(model), dtype, dev)
@@ -177,7 +176,7 @@ def analyze(model: str = "tiny", technique: str = "sim:bits=4", *, dtype: str = 
         raise ConfigError(f"no Linear layer named {histogram_layer!r}; for example "
                           f"{block_weights(loaded.model)[0][0]!r}")
     on_event(StageEvent("apply", "start", spec))
-    pairs = _layer_pairs(loaded.model, _compressed_copy(loaded, spec, dtype, on_event), name)
+    pairs = _layer_pairs(loaded.model, _compressed_copy(loaded, cfg, dtype, on_event), name)
     windows = make_windows(heldout_ids(loaded.tokenizer),
                            min(eval_context, loaded.model.config.max_position_embeddings), eval_tokens)
     base = compute_baseline(loaded.model, windows, dev)

@@ -11,8 +11,14 @@ T = TypeVar("T")
 
 
 def to_dict(obj: Any) -> Any:
-    """Turn a (nested) dataclass into JSON-ready dicts, lists and scalars."""
+    """Turn a (nested) dataclass into JSON-ready dicts, lists and scalars.
+
+    A dataclass with a `to_text()` method (and a `from_text(text)` classmethod) is written as that one string,
+    e.g. a technique config as its spec `sim:bits=4,...`; `from_dict` reads it back through `from_text`.
+    """
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        if callable(getattr(obj, "to_text", None)):
+            return obj.to_text()
         return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
     if isinstance(obj, (list, tuple)):
         return [to_dict(v) for v in obj]
@@ -42,6 +48,8 @@ def _convert(tp: Any, value: Any) -> Any:
     if origin is dict:
         return dict(value)
     if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict) and callable(getattr(tp, "from_text", None)):
+            return tp.from_text(value)
         return from_dict(tp, value)
     if tp is float and isinstance(value, int):
         return float(value)

@@ -13,6 +13,7 @@ from typing import Any
 
 from workbench.config import RunConfig
 from workbench.errors import StoreError
+from workbench.measure import tracker
 from workbench.paths import STORE_ENV, default_store, store_path
 from workbench.result import RunResult
 
@@ -24,26 +25,23 @@ CREATE TABLE IF NOT EXISTS runs (
     created_at TEXT NOT NULL,
     status TEXT NOT NULL,
     model TEXT NOT NULL,
+    engine TEXT,
     dtype TEXT NOT NULL,
     device TEXT,
     techniques TEXT NOT NULL,
     config_hash TEXT NOT NULL,
-    decode_tokens_per_s REAL,
-    ttft_ms_p50 REAL,
-    e2e_ms_p50 REAL,
-    weights_bytes INTEGER,
-    peak_host_bytes INTEGER,
-    perplexity REAL,
-    kl_vs_baseline REAL,
     error TEXT,
     config_json TEXT NOT NULL,
     result_json TEXT
 );
 CREATE INDEX IF NOT EXISTS runs_config_hash ON runs (config_hash);
 """
-SUMMARY_COLUMNS = ("id", "created_at", "status", "model", "dtype", "device", "techniques", "decode_tokens_per_s",
-                   "ttft_ms_p50", "e2e_ms_p50", "weights_bytes", "peak_host_bytes", "perplexity", "kl_vs_baseline",
-                   "error")
+CORE_COLUMNS = ("id", "created_at", "status", "model", "engine", "dtype", "device", "techniques")
+
+
+def summary_columns() -> tuple[str, ...]:
+    """The columns `summaries()` returns: the run's identity, every tracker's summary columns, the error."""
+    return CORE_COLUMNS + tuple(c.name for c in tracker.columns()) + ("error",)
 
 
 def config_hash(config: RunConfig) -> str:
@@ -116,22 +114,26 @@ class Store:
                 raise StoreError(f"results store {str(self.path)!r} is corrupt ({check}); it was left untouched")
             with conn:
                 conn.executescript(_SCHEMA)
+                have = {r[1] for r in conn.execute("PRAGMA table_info(runs)")}
+                for name, kind in [("engine", "TEXT")] + [(c.name, c.sql_type) for c in tracker.columns()]:
+                    if name not in have:  # a tracker newer than the store, or a store older than the engine column
+                        try:
+                            conn.execute(f"ALTER TABLE runs ADD COLUMN {name} {kind}")
+                        except sqlite3.OperationalError as e:  # another process added it just now
+                            if "duplicate column" not in str(e):
+                                raise
                 conn.execute("INSERT OR IGNORE INTO workbench_meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
         self._ready = True
 
     def add(self, result: RunResult) -> int:
         """Store one finished (or stopped) run in one transaction; return its id."""
-        lat, mem, acc, cfg = result.latency, result.memory, result.accuracy, result.config
+        cfg = result.config
         row = {
-            "created_at": result.started_at, "status": result.status, "model": cfg.model, "dtype": cfg.dtype,
-            "device": result.model.device if result.model else cfg.device,
-            "techniques": " + ".join(cfg.techniques), "config_hash": config_hash(cfg),
-            "decode_tokens_per_s": lat.decode_tokens_per_s if lat else None,
-            "ttft_ms_p50": lat.ttft_ms.p50 if lat and lat.ttft_ms else None,
-            "e2e_ms_p50": lat.e2e_ms.p50 if lat and lat.e2e_ms else None,
-            "weights_bytes": mem.weights_bytes if mem else None,
-            "peak_host_bytes": mem.peak_host_bytes if mem else None,
-            "perplexity": acc.perplexity if acc else None, "kl_vs_baseline": acc.kl_vs_baseline if acc else None,
+            "created_at": result.started_at, "status": result.status, "model": cfg.model, "engine": cfg.engine,
+            "dtype": cfg.dtype, "device": result.model.device if result.model else cfg.device,
+            "techniques": " + ".join(cfg.technique_specs), "config_hash": config_hash(cfg),
+            **{c.name: c.get(section) if section is not None else None
+               for t in tracker.trackers() for section in [result.sections.get(t.section)] for c in t.columns},
             "error": result.error, "config_json": cfg.to_json(), "result_json": result.to_json(),
         }
         return self._insert(row)
@@ -141,8 +143,9 @@ class Store:
         import datetime as dt
 
         row = {"created_at": started_at or dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-               "status": "error", "model": config.model, "dtype": config.dtype, "device": config.device,
-               "techniques": " + ".join(config.techniques), "config_hash": config_hash(config), "error": message,
+               "status": "error", "model": config.model, "engine": config.engine, "dtype": config.dtype,
+               "device": config.device,
+               "techniques": " + ".join(config.technique_specs), "config_hash": config_hash(config), "error": message,
                "config_json": config.to_json(), "result_json": None}
         return self._insert(row)
 
@@ -168,7 +171,8 @@ class Store:
 
     def summaries(self, limit: int | None = None, status: str | None = None) -> list[dict[str, Any]]:
         """The summary columns of stored runs, newest first."""
-        sql = f"SELECT {', '.join(SUMMARY_COLUMNS)} FROM runs"
+        columns = summary_columns()
+        sql = f"SELECT {', '.join(columns)} FROM runs"
         args: tuple = ()
         if status:
             sql, args = sql + " WHERE status=?", (status,)
@@ -176,7 +180,7 @@ class Store:
         if not self.exists():
             return []
         with self._connect() as conn:
-            return [dict(zip(SUMMARY_COLUMNS, r)) for r in conn.execute(sql, args)]
+            return [dict(zip(columns, r)) for r in conn.execute(sql, args)]
 
     def results(self, status: str | None = "ok") -> list[RunResult]:
         """Full results of stored runs (oldest first), by default only the successful ones."""

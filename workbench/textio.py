@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import functools
 import gzip
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from workbench.config import DEFAULT_PROMPT, RunConfig
 from workbench.errors import ConfigError
+from workbench.measure.accuracy import EvalWindows, make_windows
 from workbench.models.sources import TINY_DIR
 
 
@@ -146,3 +149,27 @@ class IncrementalDecoder:
             return ""
         self.prefix, self.read = self.read, len(self.ids)
         return text[len(shown):]
+
+
+@dataclass(frozen=True)
+class Workload:
+    """A run's token work: this process's prompt rows (B, T), the evaluation windows, a length warning."""
+
+    prompt_ids: list[list[int]]
+    windows: EvalWindows | None
+    warning: str | None
+
+
+def plan_workload(config: RunConfig, tokenizer: Any, model_config: Any, accuracy: bool,
+                  my_rows: Callable[[list[list[int]]], list[list[int]]]) -> Workload:
+    """Prompts and (when `accuracy`) held-out windows for `config`; ConfigError when they do not fit the model."""
+    text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    max_positions = getattr(text, "max_position_embeddings", None) or 1 << 20
+    rows = my_rows(build_prompts(config, tokenizer, text.vocab_size))
+    total = len(rows[0]) + config.max_new_tokens
+    if total > max_positions:
+        raise ConfigError(f"prompt ({len(rows[0])} tokens) + max_new_tokens ({config.max_new_tokens}) "
+                          f"= {total} exceeds the model's context of {max_positions} tokens")
+    windows = (make_windows(heldout_ids(tokenizer), min(config.eval_context, max_positions), config.eval_tokens)
+               if accuracy else None)
+    return Workload(rows, windows, tokenizer_limit_warning(tokenizer, total, max_positions))

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
-import typing
 from typing import Any
 
 from workbench import events
+from workbench.measure import tracker
+from workbench.result import ModelInfo
 from workbench.serde import from_dict, to_dict
 
 
@@ -30,9 +31,6 @@ def event_from_wire(message: dict[str, Any]) -> Any:
 
 
 def _metric_value(section: str, value: Any) -> Any:
-    """A MetricEvent's value as the RunResult field's dataclass (the dict itself when none fits)."""
-    from workbench.result import RunResult
-
-    hint = typing.get_type_hints(RunResult).get(section)
-    classes = [a for a in (typing.get_args(hint) or (hint,)) if dataclasses.is_dataclass(a)]
-    return from_dict(classes[0], value) if classes and isinstance(value, dict) else value
+    """A MetricEvent's value as its section's dataclass (the tracker's, or the model's; the dict if none fits)."""
+    kind = {**tracker.sections(), "model": ModelInfo}.get(section)
+    return from_dict(kind, value) if kind is not None and isinstance(value, dict) else value

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,9 +56,12 @@ def make_windows(ids: list[int], context: int, n_tokens: int, stride: int | None
     return EvalWindows(torch.tensor(rows, dtype=torch.long), stride)
 
 
+EVAL_BATCH = 8  # evaluation windows per forward
+
+
 @torch.inference_mode()
 def window_logprobs(model: torch.nn.Module, windows: EvalWindows, device: torch.device,
-                    batch_size: int = 8) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                    batch_size: int = EVAL_BATCH) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield (log_probs (B, S, V) float32, targets (B, S)) for the scored positions of each batch."""
     s = windows.stride
     for start in range(0, windows.ids.shape[0], batch_size):
@@ -128,9 +131,16 @@ def _kl_and_top1(logp: torch.Tensor, base: Baseline, offset: int) -> tuple[float
 def evaluate(model: torch.nn.Module, windows: EvalWindows, device: torch.device,
              baseline: Baseline | None = None,
              should_stop: Callable[[], bool] = lambda: False) -> AccuracyStats | None:
-    """Perplexity, next-token accuracy and (with a baseline) KL / top-1 agreement on the windows."""
+    """Perplexity, next-token accuracy and (with a baseline) KL / top-1 agreement of a PyTorch model."""
+    return score(window_logprobs(model, windows, device), windows, baseline, should_stop)
+
+
+def score(batches: Iterable[tuple[torch.Tensor, torch.Tensor]], windows: EvalWindows,
+          baseline: Baseline | None = None, should_stop: Callable[[], bool] = lambda: False) -> AccuracyStats | None:
+    """The same from any engine's log-probabilities: batches of (logp (W, T, V), targets (W, T)) in window
+    order; None when stopped."""
     nll, correct, n, kl, agree = 0.0, 0, 0, 0.0, 0
-    for logp, targets in window_logprobs(model, windows, device):
+    for logp, targets in batches:
         nll -= float(logp.gather(-1, targets.unsqueeze(-1)).sum())
         correct += int((logp.argmax(-1) == targets).sum())
         if baseline is not None:
@@ -178,6 +188,25 @@ def greedy_match(tokens: list[int], baseline_tokens: list[int]) -> float:
             break
         same += 1
     return same / len(baseline_tokens)
+
+
+# Below this share of decoded tokens in the top 10 of one forward over the same text, the decode path is wrong.
+DECODE_CONSISTENCY_MIN = 0.5
+DECODE_WRONG = "decode looks wrong"
+
+
+def decode_warning(share: float | None) -> str | None:
+    """The warning for a decode path whose tokens disagree with one uncompiled forward (None: they agree)."""
+    if share is None or share >= DECODE_CONSISTENCY_MIN:
+        return None
+    return (f"{DECODE_WRONG}: only {share:.0%} of the generated tokens are among the top 10 of one uncompiled "
+            "forward pass over the same text, so the speed measured is that of wrong output (a miscompiled or "
+            "broken kernel on the one-token path); do not trust this configuration")
+
+
+def decode_looks_wrong(warnings: tuple[str, ...]) -> bool:
+    """True when a run's warnings say its decoded tokens disagreed with its own forward (wrong output's speed)."""
+    return any(w.startswith(DECODE_WRONG) for w in warnings)
 
 
 def decode_consistency(forward: Callable[..., Any], prompt: list[int], generated: list[int], device: torch.device,

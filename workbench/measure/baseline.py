@@ -6,13 +6,17 @@ import gc
 import hashlib
 import json
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from workbench.measure.accuracy import Baseline, EvalWindows, compute_baseline
+from workbench.models.loader import load_model
+from workbench.models.sources import ModelSource, fingerprint
 from workbench.paths import cache_dir
 
 logger = logging.getLogger(__name__)
@@ -74,13 +78,13 @@ def save(keys: BaselineKeys, base: Baseline | None, greedy: list[int] | None) ->
 
     if base is not None and keys.eval_key:
         _memory[keys.eval_key] = base
-        tmp = _dir() / f"{keys.eval_key}.tmp"
+        tmp = _dir() / f"{keys.eval_key}.{os.getpid()}.tmp"  # one per process: pages' kernels write at once
         save_file({"topk_logp": base.topk_logp.contiguous(), "topk_ids": base.topk_ids.contiguous(),
                    "vocab": torch.tensor(base.vocab)}, str(tmp))
         tmp.replace(_dir() / f"{keys.eval_key}.safetensors")
     if greedy is not None:
         _memory[keys.greedy_key] = greedy
-        tmp = _dir() / f"{keys.greedy_key}.tmp"
+        tmp = _dir() / f"{keys.greedy_key}.{os.getpid()}.tmp"
         tmp.write_text(json.dumps(greedy))
         tmp.replace(_dir() / f"{keys.greedy_key}.json")
 
@@ -96,12 +100,17 @@ def greedy_tokens(model: torch.nn.Module, prompt_ids: list[int], new_tokens: int
 
 
 def compute(keys: BaselineKeys, load_unmodified: Callable[[], torch.nn.Module], windows: EvalWindows | None,
-            prompt_ids: list[int], new_tokens: int, pad_id: int | None,
-            should_stop: Callable[[], bool]) -> tuple[Baseline | None, list[int] | None]:
-    """Load the unmodified model, compute whatever is not cached, save it, and free the model."""
+            prompt_ids: list[int], new_tokens: int, pad_id: int | None, should_stop: Callable[[], bool],
+            narrate: Callable[[str, str], None] = lambda state, message: None,
+            ) -> tuple[Baseline | None, list[int] | None]:
+    """Load the unmodified model, compute whatever is not cached, save it, and free the model.
+
+    `narrate("start", message)` and `narrate("end", "")` bracket the computation (not called on a cache hit).
+    """
     base, greedy = load_cached(keys)
     if (base is not None or windows is None) and greedy is not None:
         return base, greedy
+    narrate("start", "computing the unmodified model's predictions once (cached afterwards)")
     model = load_unmodified()
     try:
         device = next(model.parameters()).device
@@ -116,4 +125,15 @@ def compute(keys: BaselineKeys, load_unmodified: Callable[[], torch.nn.Module], 
             torch.cuda.empty_cache()
     if not should_stop():
         save(keys, base, greedy)
+    narrate("end", "")
     return base, greedy
+
+
+def for_run(source: ModelSource, config: Any, device: torch.device, windows: EvalWindows | None,
+            prompt_ids: list[int], pad_id: int | None, should_stop: Callable[[], bool],
+            narrate: Callable[[str, str], None]) -> tuple[Baseline | None, list[int] | None]:
+    """The baseline of a run's model (PyTorch, fp32, whatever engine the run uses): cached, or computed once."""
+    keys = BaselineKeys.make(fingerprint(source), windows, prompt_ids, config.max_new_tokens)
+    return compute(keys, lambda: load_model(source, BASELINE_DTYPE, device, trust_remote_code=config.trust_remote_code,
+                                            seed=config.seed, allow_pickle=config.allow_pickle).model,
+                   windows, prompt_ids, config.max_new_tokens, pad_id, should_stop, narrate)

@@ -5,11 +5,14 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from workbench.events import OnEvent, TokenEvent
 from workbench.result import LatencyStats, Percentiles, RepeatTiming
+from workbench.textio import IncrementalDecoder
 
 CV_WARN = 0.10
 
@@ -135,3 +138,42 @@ def latency_warnings(stats: LatencyStats, expected_tokens: int) -> list[str]:
     if stats.repeats < 3:
         out.append(f"only {stats.repeats} timed repeat(s): percentiles are rough")
     return out
+
+
+def token_reporter(on_event: OnEvent, tokenizer: Any, phase: str, repeat: int, events: bool,
+                   progress: Callable[[int, float], None] | None) -> Callable[[int, float, list[int]], None] | None:
+    """A `TokenClock` callback: a TokenEvent per token (the first row's text, when `events`) and progress."""
+    if not events and progress is None:
+        return None
+    decoder, last = IncrementalDecoder(tokenizer), [0.0]
+
+    def on_token(index: int, t_ms: float, row_tokens: list[int]) -> None:
+        if events:
+            on_event(TokenEvent(phase, repeat, index, t_ms, decoder.push(row_tokens[0]), t_ms - last[0]))
+            last[0] = t_ms
+        if progress is not None:
+            progress(index + 1, t_ms / 1e3)
+    return on_token
+
+
+@dataclass
+class TimedCalls:
+    """A run's generate calls: the complete timed ones, the one a stop cut short, the first complete one (its
+    tokens are the run's output), the first call's duration (the cold start) and the KV cache's size."""
+
+    new_tokens: int
+    samples: list[RepeatTiming] = field(default_factory=list)
+    partial: RepeatTiming | None = None
+    first: Any = None  # an engines.base.Generation
+    cold_start_s: float | None = None
+    kv_bytes: int | None = None
+
+    def record(self, gen: Any) -> RepeatTiming:
+        """Note one call (an engine's Generation); return its timing."""
+        if self.cold_start_s is None:
+            self.cold_start_s = gen.timing.e2e_ms / 1e3
+        if gen.kv_bytes is not None:
+            self.kv_bytes = gen.kv_bytes
+        if self.first is None and len(gen.timing.token_ms) == self.new_tokens:
+            self.first = gen
+        return gen.timing

@@ -10,7 +10,6 @@ from typing import Any
 import psutil
 import torch
 
-from workbench.result import MemoryStats
 
 logger = logging.getLogger(__name__)
 
@@ -233,19 +232,6 @@ def _cgroup_headroom() -> int | None:
         if limit is not None and used is not None and limit < 1 << 60:
             return max(0, limit - used)
     return None
-
-
-def memory_stats(measured: dict[str, Any], weights: int | None, kv_cache: int | None) -> MemoryStats:
-    """MemoryStats from what a run's trackers recorded (`load_gpu` / `run_gpu` are GpuPeak peaks)."""
-    load_gpu, run_gpu = measured.get("load_gpu"), measured.get("run_gpu")
-    return MemoryStats(
-        weights_bytes=weights, kv_cache_bytes=kv_cache,
-        load_peak_host_bytes=measured.get("load_peak_host_bytes"), peak_host_bytes=measured.get("peak_host_bytes"),
-        peak_gpu_allocated_bytes=run_gpu.allocated if run_gpu else None,
-        peak_gpu_reserved_bytes=run_gpu.reserved if run_gpu else None,
-        idle_host_bytes=measured.get("idle_host_bytes"), gpu_used_bytes_nvml=run_gpu.nvml_used if run_gpu else None,
-        load_peak_gpu_allocated_bytes=load_gpu.allocated if load_gpu else None,
-        host_method=measured.get("host_method", ""))
 
 
 # ---------------------------------------------------------------- estimate before loading

@@ -34,7 +34,7 @@ def describe_sources() -> list[dict[str, Any]]:
     for name, preset in sorted(PRESETS.items()):
         rows.append({"source": f"preset:{name}", "kind": "preset", "params": count_params(preset.make_config()),
                      "notes": "random weights: speed and memory only. " + preset.about})
-    from workbench.students import describe_students
+    from workbench.distill.students import describe_students
 
     rows.extend(describe_students())
     rows.append({"source": "ORG/NAME or ./folder", "kind": "hub / local", "params": None,

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from workbench.errors import ConfigError
+from workbench.techniques.base import TechniqueConfig
 
 logger = logging.getLogger(__name__)
 CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
@@ -82,19 +83,15 @@ def meta_model(config: Any, trust_remote_code: bool = False) -> torch.nn.Module 
         return None
 
 
-def check_techniques_fit(config: Any, techniques: tuple[str, ...], spec: str,
+def check_techniques_fit(config: Any, techniques: tuple[TechniqueConfig, ...], spec: str,
                          trust_remote_code: bool = False) -> None:
     """Refuse, before loading, a technique the model's layers do not allow (checked on the meta device)."""
     if not techniques:
         return
-    from workbench.techniques import load_all, parse_spec
-
-    load_all()
     model = meta_model(config, trust_remote_code)
     if model is None:
         return
-    for technique in techniques:
-        cfg = parse_spec(technique)
+    for cfg in techniques:
         problem = cfg.model_problem(model)
         if problem:
             raise ConfigError(f"{cfg.name} cannot be applied to {spec!r} ({type(model).__name__}): {problem}")

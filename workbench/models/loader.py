@@ -11,6 +11,8 @@ from typing import Any
 import torch
 
 from workbench.errors import ModelSourceError
+from workbench.models.checks import check_causal_lm
+from workbench.models.preset_weights import preset_folder
 from workbench.models.sources import TINY_DIR, TORCH_DTYPES, ModelSource, _hub_kwargs, load_config
 
 logger = logging.getLogger(__name__)
@@ -93,8 +95,6 @@ def load_model(source: ModelSource, dtype: str, device: torch.device, *, trust_r
         with torch.device(device):
             model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype, attn_implementation=attn_implementation)
     else:
-        from workbench.models.checks import check_causal_lm
-
         check_causal_lm(load_config(source, trust_remote_code), source.spec)  # before a weight is read
         kwargs: dict[str, Any] = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code,
                                   "attn_implementation": attn_implementation, **_hub_kwargs(source), **(extra or {})}
@@ -107,8 +107,6 @@ def load_model(source: ModelSource, dtype: str, device: torch.device, *, trust_r
             with contextlib.ExitStack() as scratch:
                 location = source.location
                 if source.kind == "preset":  # from_config cannot shard: load the same seeded weights from a folder
-                    from workbench.parallel.distributed import preset_folder
-
                     location = scratch.enter_context(preset_folder(source, dtype, seed, attn_implementation))
                 model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
         except ModelSourceError:

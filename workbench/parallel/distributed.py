@@ -1,4 +1,4 @@
-"""Tensor- and data-parallel ranks on torch.distributed: checks, process group, coordinator, preset weights."""
+"""Tensor- and data-parallel ranks on torch.distributed: checks, process group, coordinator."""
 
 from __future__ import annotations
 
@@ -8,15 +8,14 @@ import datetime as dt
 import logging
 import os
 import re
-import shutil
-import tempfile
-from collections.abc import Iterator
 from typing import Any
 
 import torch
 
 from workbench.config import RunConfig
 from workbench.errors import ConfigError
+from workbench.execution import cpu_cores, resolve_device
+from workbench.models.sources import load_config, resolve
 from workbench.parallel.coordinator import Coordinator
 
 logger = logging.getLogger(__name__)
@@ -31,13 +30,6 @@ class Layout:
     kind: str  # "tensor" | "data"
     world_size: int
     device_type: str  # "cpu" | "cuda"
-
-
-def cpu_cores() -> int:
-    """CPU cores this process may run on."""
-    with contextlib.suppress(AttributeError, OSError):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
 
 
 def rank_threads(config: RunConfig, local_world: int) -> int:
@@ -57,8 +49,6 @@ def layout(config: RunConfig, local_world: int | None = None) -> Layout:
 
     `local_world`: ranks on this machine (all of them unless torchrun spreads them over nodes).
     """
-    from workbench.execution import resolve_device
-
     kind = "tensor" if config.tensor_parallel > 1 else "data"
     world = max(config.tensor_parallel, config.data_parallel)
     local = local_world or world
@@ -79,8 +69,6 @@ def layout(config: RunConfig, local_world: int | None = None) -> Layout:
 
 def _check_tensor_plan(config: RunConfig, world: int) -> None:
     """The architecture must have a tensor-parallel plan, and the ranks must split its heads evenly."""
-    from workbench.models.sources import load_config, resolve
-
     model_config = load_config(resolve(config.model), config.trust_remote_code)
     text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
     if not getattr(text, "base_model_tp_plan", None):
@@ -170,33 +158,6 @@ class RowShare(Coordinator):
     def my_rows(self, rows: list[list[int]]) -> list[list[int]]:
         """The rows rank `rank` will take."""
         return share(rows, self.rank, self.world_size) if self.kind == "data" else rows
-
-
-@contextlib.contextmanager
-def preset_folder(source: Any, dtype: str, seed: int, attn_implementation: str) -> Iterator[str]:
-    """A preset's seeded random weights saved as a model folder (removed afterwards).
-
-    `from_config` cannot apply a tensor-parallel plan; `from_pretrained` of this folder can. The weights
-    are built on the CPU exactly as a single CPU process builds them, so every rank holds the same ones.
-    """
-    from safetensors.torch import save_model
-    from transformers import AutoModelForCausalLM
-
-    from workbench.models.sources import TORCH_DTYPES, load_config
-
-    folder = tempfile.mkdtemp(prefix="workbench-preset-")
-    try:
-        torch.manual_seed(seed)
-        with torch.device("cpu"):
-            model = AutoModelForCausalLM.from_config(load_config(source), dtype=TORCH_DTYPES[dtype],
-                                                     attn_implementation=attn_implementation)
-        # save_pretrained writes only on rank 0 of an initialised process group; every rank needs its own copy
-        model.config.to_json_file(os.path.join(folder, "config.json"))
-        save_model(model, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
-        del model
-        yield folder
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 def hide_gpus_for_cpu_run(device_spec: str) -> None:

@@ -26,6 +26,7 @@ from workbench import errors
 from workbench.config import RunConfig
 from workbench.errors import RunFailed
 from workbench.events import OnEvent, never_stop, no_event
+from workbench.parallel.distributed import layout
 from workbench.parallel.relay import Relay
 from workbench.wire import event_from_wire
 from workbench.result import RunResult
@@ -40,8 +41,6 @@ _QUIET = ("torchelastic-events-null", "torch.distributed.elastic", "torch.distri
 def run_distributed(config: RunConfig, on_event: OnEvent = no_event,
                     should_stop: Callable[[], bool] = never_stop) -> RunResult:
     """Run `config` as tensor_parallel / data_parallel ranks on this machine; rank 0's merged result."""
-    from workbench.parallel.distributed import layout
-
     plan = layout(config)  # every refusal happens here, before a process starts
     with tempfile.TemporaryDirectory(prefix="workbench-ranks-") as folder, Relay() as relay:
         launch_file = Path(folder) / "launch.json"

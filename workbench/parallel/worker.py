@@ -28,6 +28,7 @@ from typing import Any
 from workbench.config import RunConfig
 from workbench.errors import WorkbenchError
 from workbench.events import OnEvent, never_stop, no_event
+from workbench.measure import tracker
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +61,8 @@ def run_rank(ctx: _Ctx) -> Any:
         _prime_baselines(ctx, rank_config, plan)
         coord.barrier()
         result = run_local(rank_config, ctx.on_event, ctx.should_stop, coord)
-        shares = coord.gather({"info": result.parallel.ranks[0], "outputs": result.outputs, "status": result.status})
+        shares = coord.gather({"info": result.parallel.ranks[0], "outputs": result.outputs, "status": result.status,
+                               "sections": result.sections})
         return _merge(ctx.config, result, shares, coord) if shares is not None else None
     finally:
         d.destroy()
@@ -108,8 +110,10 @@ def _merge(config: RunConfig, result: Any, shares: list[dict[str, Any]], coord: 
     info = ParallelInfo(kind=coord.kind, world_size=coord.world_size, backend=coord.backend, placement={},
                         bytes_by_device={}, ranks=ranks, aggregate_decode_tokens_per_s=aggregate)
     stopped = any(s["status"] == "stopped" for s in shares)
+    sections = {t.section: t.merge([s["sections"].get(t.section) for s in shares], coord.kind)
+                for t in tracker.trackers()}  # each tracker says how its ranks' values combine
     return dataclasses.replace(result, config=config, outputs=outputs, output_text=outputs[0] if outputs else "",
-                               parallel=info, warnings=tuple(warnings),
+                               parallel=info, warnings=tuple(warnings), sections=sections,
                                status="stopped" if stopped else result.status)
 
 
@@ -146,10 +150,13 @@ def _parse(argv: Sequence[str]) -> tuple[RunConfig, argparse.Namespace, dict[str
         with open(known.launch_file, encoding="utf-8") as f:
             launch = json.load(f)
         return RunConfig.from_dict(launch["config"]), argparse.Namespace(no_store=True, store=None), launch
-    from workbench.cli import _config_from_args, build_parser
+    from workbench.flags import add_run_arguments, config_from_args
 
-    args = build_parser().parse_args(["run", *rest])
-    return _config_from_args(args), args, None
+    parser = argparse.ArgumentParser(prog="workbench.parallel.worker", description="One rank of `workbench run` "
+                                     "under torchrun (the same flags).")
+    add_run_arguments(parser)
+    args = parser.parse_args(rest)
+    return config_from_args(args), args, None
 
 
 def _standalone_output(result: Any, args: argparse.Namespace, out: Any) -> None:

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import torch
 
-from workbench.config import check_fields, option
 from workbench.events import OnEvent, StageEvent, TrainEvent, never_stop, no_event
 from workbench.measure.accuracy import evaluate, make_windows, unigram_perplexity
+from workbench.options import check_fields, option
 from workbench.reference.corpus import EOS, join_documents, load_corpus
 from workbench.textio import CALIBRATION_FILE, HELDOUT_FILE, write_gz
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from workbench.errors import ConfigError
+
 
 def block_linears(model: torch.nn.Module, include_lm_head: bool = False) -> list[tuple[str, torch.nn.Linear]]:
     """(name, module) of every nn.Linear except the output projection (unless asked for), in model order.
@@ -63,8 +65,6 @@ def require_linears(model: torch.nn.Module, technique: str,
     Packed-kernel quantizers convert nn.Linear only; a Conv1D is a transposed Linear, so it is rebuilt as
     one first (same outputs) and a note says so.
     """
-    from workbench.errors import ConfigError
-
     converted = linearize_conv1d(model)
     if converted and notes is not None:
         notes.append(f"{converted} GPT-2 Conv1D layers rebuilt as equivalent nn.Linear (transposed weights) "

@@ -1,18 +1,26 @@
-"""The technique registry: one config dataclass per technique, one handler per config type."""
+"""The technique registry: one config dataclass per technique, one handler per config type, and spec parsing.
+
+Below `workbench.config` (a RunConfig holds parsed technique configs): nothing here imports the config, the
+result or the text modules, so the import graph stays acyclic.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import importlib
+import pkgutil
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 
-from workbench.config import check_fields, option
 from workbench.errors import ConfigError
-from workbench.result import TechniqueRecord
+from workbench.options import check_fields, option
+from workbench.techniques._targets import block_weights
 
 KINDS = ("quant", "prune")
 
@@ -75,6 +83,18 @@ class TechniqueConfig:
         params = ",".join(f"{k}={_fmt(v)}" for k, v in self.params().items())
         return f"{self.name}:{params}" if params else self.name
 
+    def to_text(self) -> str:
+        """How JSON and the store write a technique: its canonical spec (see `workbench.serde`)."""
+        return self.spec()
+
+    @classmethod
+    def from_text(cls, text: str) -> TechniqueConfig:
+        """Inverse of `to_text`: the spec parsed and validated (ConfigError when it is not a `cls`)."""
+        config = parse_spec(text)
+        if not isinstance(config, cls):
+            raise ConfigError(f"{text!r} is a {config.name} technique, not a {cls.name or cls.__name__}")
+        return config
+
     def label(self) -> str:
         """Short form for tables and legends: the name and the parameters that differ from the defaults."""
         changed = [f"{f.name}={_fmt(getattr(self, f.name))}" for f in dataclasses.fields(self)
@@ -95,8 +115,6 @@ class TechniqueConfig:
         `model` may be built on the meta device: only module types and shapes may be read, no values.
         The default: the model needs Linear or GPT-2 Conv1D layers in its blocks.
         """
-        from workbench.techniques._targets import block_weights
-
         if not block_weights(model):
             return "it acts on the Linear (or GPT-2 Conv1D) layers of the blocks, and this model has none"
         return None
@@ -121,20 +139,10 @@ class ApplyContext:
     on_progress: Callable[[str, float | None], None]
     notes: list[str] = dataclasses.field(default_factory=list)
 
-    def calibration_batches(self, tokens: int, seq_len: int = 128) -> list[torch.Tensor]:
-        """Calibration text (a slice of the reference corpus's training split) as (1, seq_len) id tensors."""
-        from workbench.textio import calibration_text, encode
-
-        ids = encode(self.tokenizer, calibration_text())
-        vocab = getattr(self.model.config, "vocab_size", None)
-        if vocab:
-            ids = [i for i in ids if i < vocab]
-        n = max(1, min(tokens, len(ids)) // seq_len)
-        return [torch.tensor([ids[i * seq_len:(i + 1) * seq_len]], device=self.device) for i in range(n)]
-
 
 Handler = Callable[[TechniqueConfig, ApplyContext], torch.nn.Module | None]
 REGISTRY: dict[str, type[TechniqueConfig]] = {}
+_NOT_TECHNIQUES = ("base", "apply", "rules")  # the package's own machinery, not technique files
 _HANDLERS: dict[type[TechniqueConfig], Handler] = {}
 
 
@@ -188,8 +196,25 @@ def _coerce(raw: str, hint: Any, key: str, name: str) -> Any:
     raise ConfigError(f"{name}: {key}={raw!r} is not a valid {expected}")
 
 
+@functools.cache
+def _import_technique_modules() -> None:
+    """Import every technique file of this package once: each registers its config and handler."""
+    for info in pkgutil.iter_modules([str(Path(__file__).parent)]):
+        if not info.name.startswith("_") and info.name not in _NOT_TECHNIQUES:
+            importlib.import_module(f"{__package__}.{info.name}")
+
+
+def load_all() -> dict[str, type[TechniqueConfig]]:
+    """The registry, with every technique module of this package imported."""
+    _import_technique_modules()
+    return REGISTRY
+
+
 def parse_spec(spec: str) -> TechniqueConfig:
     """`NAME` or `NAME:key=value,key=value` -> the validated config (ConfigError on anything wrong)."""
+    if not isinstance(spec, str):
+        raise ConfigError(f"a technique is a spec such as 'sim:bits=4' (NAME or NAME:key=value,...); got {spec!r}")
+    load_all()
     text = spec.strip()
     # a registered name may contain ':' (e.g. "2:4"): the longest one followed by the end or ':' wins
     named = [n for n in REGISTRY if text == n or text.startswith(n + ":")]
@@ -211,9 +236,3 @@ def parse_spec(spec: str) -> TechniqueConfig:
         return cls(**kwargs)
     except ValueError as e:
         raise ConfigError(f"{name}: {e}") from None
-
-
-def record(config: TechniqueConfig, notes: list[str]) -> TechniqueRecord:
-    """What the result says about an applied technique."""
-    text = "; ".join(n for n in [config.notes(), *notes] if n)
-    return TechniqueRecord(config.name, config.kind, config.params(), config.simulated, text)

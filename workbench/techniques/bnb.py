@@ -19,7 +19,7 @@ from types import ModuleType
 
 import torch
 
-from workbench.config import option
+from workbench.options import option
 from workbench.techniques._targets import require_linears
 from workbench.techniques.base import ApplyContext, Expectation, TechniqueConfig, register, register_handler
 

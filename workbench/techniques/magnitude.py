@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from workbench.config import option
+from workbench.options import option
 from workbench.techniques._targets import block_weights
 from workbench.techniques.base import ApplyContext, Expectation, TechniqueConfig, register, register_handler
 

@@ -15,8 +15,9 @@ from dataclasses import dataclass
 
 import torch
 
-from workbench.config import option
 from workbench.errors import ConfigError
+from workbench.options import option
+from workbench.techniques._calibration import calibration_batches
 from workbench.techniques._targets import block_weights, weight_matrix
 from workbench.techniques.base import ApplyContext, Expectation, TechniqueConfig, register, register_handler
 
@@ -136,7 +137,7 @@ def _calibrate_ranges(ctx: ApplyContext, layers: list[tuple[str, torch.nn.Module
 
     handles = [m.register_forward_pre_hook(observer(n)) for n, m in layers]
     try:
-        batches = ctx.calibration_batches(tokens)
+        batches = calibration_batches(ctx, tokens)
         for i, ids in enumerate(batches):
             ctx.model(input_ids=ids, use_cache=False)
             ctx.on_progress("calibrating activation ranges", (i + 1) / len(batches) / 2)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from workbench.config import option
+from workbench.options import option
 from workbench.techniques.base import ApplyContext, Expectation, TechniqueConfig, register, register_handler
 from workbench.techniques._targets import block_weights, weight_matrix
 from workbench.techniques.magnitude import sparsity_note, zero_count

@@ -18,9 +18,9 @@ from dataclasses import dataclass
 
 import torch
 
-from workbench.config import option
 from workbench.errors import ConfigError
 from workbench.measure.memory import parameter_count
+from workbench.options import option
 from workbench.techniques._structured_gpt2 import GPT2_HEADS, gpt2_blocks, prune_gpt2_mlp
 from workbench.techniques._targets import weight_matrix
 from workbench.techniques.base import ApplyContext, Expectation, TechniqueConfig, register, register_handler

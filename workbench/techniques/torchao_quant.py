@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from workbench.config import option
+from workbench.options import option
 from workbench.techniques._targets import require_linears
 from workbench.techniques.base import ApplyContext, Expectation, TechniqueConfig, register, register_handler
 

@@ -14,8 +14,9 @@ from dataclasses import dataclass
 
 import torch
 
-from workbench.config import option
+from workbench.options import option
 from workbench.techniques.base import ApplyContext, Expectation, TechniqueConfig, register, register_handler
+from workbench.techniques._calibration import calibration_batches
 from workbench.techniques._targets import block_weights, weight_matrix
 from workbench.techniques.magnitude import DENSE_NOTE, sparsity_note, zero_count
 
@@ -38,7 +39,7 @@ def input_norms(ctx: ApplyContext, modules: dict[str, torch.nn.Module], tokens: 
 
     context = getattr(ctx.model.config, "max_position_embeddings", None) or CALIBRATION_SEQ_LEN
     seq_len = min(CALIBRATION_SEQ_LEN, context)
-    batches = ctx.calibration_batches(tokens, seq_len)
+    batches = calibration_batches(ctx, tokens, seq_len)
     handles = [m.register_forward_pre_hook(observer(n)) for n, m in modules.items()]
     try:
         for i, ids in enumerate(batches):

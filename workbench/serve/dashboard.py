@@ -13,23 +13,27 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from workbench.config import RunConfig, check_fields, option
+from workbench.config import RunConfig
 from workbench.errors import ConfigError
-from workbench.publish import ENV as POLICY_ENV
-from workbench.publish import PublishPolicy
-from workbench.slots import ENV as SLOTS_ENV
-from workbench.slots import RunSlots
+from workbench.options import check_fields, option
+from workbench.paths import cache_dir
+from workbench.serve.publish import ENV as POLICY_ENV
+from workbench.serve.publish import PublishPolicy, check_run, is_loopback
+from workbench.serve.slots import ENV as SLOTS_ENV
+from workbench.serve.slots import RunSlots
 
 logger = logging.getLogger(__name__)
 
-NOTEBOOK = Path(__file__).resolve().parent.parent / "notebooks" / "dashboard.ipynb"
+NOTEBOOK = Path(__file__).resolve().parents[2] / "notebooks" / "dashboard.ipynb"
 VOILA_CONFIG = Path(__file__).resolve().parent / "voila_config"  # voila.py: Voila settings of the dashboard
+# Named to Voila, which imports it (it needs jupyter_server): never imported here.
+KERNEL_MANAGER = "workbench.serve.voila_limits.LimitedKernelManager"
 DASHBOARD_SOURCE = '''import json
 import os
 
 from workbench import logs
-from workbench.publish import PublishPolicy
-from workbench.slots import RunSlots
+from workbench.serve.publish import PublishPolicy
+from workbench.serve.slots import RunSlots
 
 logs.quiet_libraries()
 from widgets import Workbench  # noqa: E402
@@ -77,8 +81,6 @@ class DashboardConfig:
     @property
     def published(self) -> bool:
         """Reachable from other machines (not bound to a loopback address)."""
-        from workbench.publish import is_loopback
-
         return not is_loopback(self.ip)
 
     @property
@@ -115,8 +117,6 @@ def notebook_path() -> Path:
     """The dashboard notebook: the checkout's, or a generated copy when the package is installed alone."""
     if NOTEBOOK.exists():
         return NOTEBOOK
-    from workbench.paths import cache_dir
-
     path = cache_dir() / "dashboard.ipynb"
     path.write_text(json.dumps(dashboard_notebook(), indent=1) + "\n")
     return path
@@ -133,7 +133,7 @@ def voila_command(config: DashboardConfig, notebook: Path | None = None) -> list
     if config.needs_token:  # the token itself travels in $JUPYTER_TOKEN, never on the command line
         cmd.append("--Voila.auto_token=True")
     if config.users_limit:
-        cmd += ["--VoilaConfiguration.multi_kernel_manager_class=workbench.voila_limits.LimitedKernelManager",
+        cmd += [f"--VoilaConfiguration.multi_kernel_manager_class={KERNEL_MANAGER}",
                 f"--LimitedKernelManager.max_kernels={config.users_limit}"]
     if not config.open_browser:
         cmd.append("--no-browser")
@@ -189,8 +189,6 @@ def server_token(config: DashboardConfig) -> str | None:
 def check_defaults(policy: PublishPolicy | None, defaults: dict[str, Any]) -> None:
     """Refuse starting values (--set) that the publisher's own lock would refuse."""
     if policy is not None:
-        from workbench.publish import check_run
-
         check_run(policy, RunConfig(**{k: v for k, v in defaults.items() if k != "techniques"}))
 
 

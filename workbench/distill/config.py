@@ -1,35 +1,18 @@
-"""`distill(config) -> DistillResult`: train a smaller student to imitate a teacher, keep the best, save it.
-
-The student is made from the teacher (see `workbench.students`: structured pruning, fewer layers, or an
-existing smaller model), then trained on text with
-
-    loss = (1 − α) · T² · KL(softmax(z_t / T) ‖ softmax(z_s / T)) + α · CE(z_s, next token)
-
-per token position (mean over the batch's positions), where z_t, z_s are the teacher's and the student's
-logits, T the temperature and α `ce_weight` (Hinton et al., 2015: the T² keeps the gradient of the soft term
-on the scale of the hard one as T changes). Every `eval_every` steps the student's perplexity on the reference
-corpus's held-out split (the windows a `workbench run` scores) is measured; the best checkpoint is kept in
-memory, and at the end — or on a stop request, within one step — it is saved in Hugging Face format as
-`student:NAME`, a model source for runs.
-"""
+"""What a distillation takes and gives: its config (validated on construction), progress and result records."""
 
 from __future__ import annotations
 
 import json
-import logging
 import math
 import re
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
-from workbench.config import check_fields, option
-from workbench.events import OnEvent, never_stop, no_event
+from workbench.distill.students import parse_student
+from workbench.models.sources import STUDENT_NAME
+from workbench.options import check_fields, option
 from workbench.serde import from_dict, to_dict
-from workbench.students import parse_student
 
-logger = logging.getLogger(__name__)
 _DEVICE_RE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
 
 
@@ -85,8 +68,6 @@ class DistillConfig:
         if self.teacher.startswith("preset:"):
             raise ValueError(f"teacher {self.teacher!r} has random weights: there is nothing to distil from it; "
                              "use 'tiny', a saved student, a hub id or a folder")
-        from workbench.models.sources import STUDENT_NAME
-
         if not STUDENT_NAME.match(self.name):
             raise ValueError(f"name must be letters, digits, '-' and '_' (up to 64, starting with a letter or "
                              f"digit); got {self.name!r}")
@@ -183,35 +164,3 @@ class DistillResult:
     def to_json(self, indent: int | None = None) -> str:
         """JSON text."""
         return json.dumps(self.to_dict(), indent=indent)
-
-
-def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, targets: torch.Tensor,
-                 temperature: float, ce_weight: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(loss, ce, kl): loss = (1 − α)·T²·KL(teacher_T ‖ student_T) + α·CE, each a mean over token positions."""
-    s = student_logits.flatten(0, 1).float()  # (N, V)
-    ce = torch.nn.functional.cross_entropy(s, targets.flatten())
-    if teacher_logits is None:
-        return ce, ce, None
-    t = teacher_logits.flatten(0, 1).float()  # (N, V)
-    log_q = torch.log_softmax(s / temperature, dim=-1)  # (N, V) student
-    log_p = torch.log_softmax(t / temperature, dim=-1)  # (N, V) teacher
-    kl = torch.nn.functional.kl_div(log_q, log_p, log_target=True, reduction="batchmean")  # mean over N
-    return (1 - ce_weight) * temperature ** 2 * kl + ce_weight * ce, ce, kl
-
-
-def distill(config: DistillConfig, on_event: OnEvent = no_event, should_stop=never_stop) -> DistillResult:
-    """Build the student, distil it from the teacher, save the best checkpoint as `student:NAME`.
-
-    Raises a WorkbenchError subclass with one sentence for anything the user can fix (ConfigError,
-    ModelSourceError), before any weight is read where possible.
-    """
-    from workbench.distill_train import Distillation
-    from workbench.execution import threads
-
-    with threads(config.threads):
-        job = Distillation(config, on_event, should_stop)
-        job.prepare()
-        job.load()
-        job.train()
-        return job.finish()
-

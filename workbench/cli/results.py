@@ -7,7 +7,11 @@ import json
 import sys
 from typing import Any
 
+from workbench.cli.common import fail
+from workbench.errors import StoreError
 from workbench.paths import STORE_HELP
+from workbench.report import format_result, format_summaries
+from workbench.store import Store
 
 
 def add_results_parser(sub: Any) -> None:
@@ -26,11 +30,6 @@ def add_results_parser(sub: Any) -> None:
 
 def cmd_results(args: argparse.Namespace) -> int:
     """List, show or export; reading never creates the store (a missing one has "no runs yet")."""
-    from workbench.cli import _fail
-    from workbench.errors import StoreError
-    from workbench.report import format_result, format_summaries
-    from workbench.store import Store
-
     try:
         store = Store(args.store)
         if args.show is not None:
@@ -46,5 +45,5 @@ def cmd_results(args: argparse.Namespace) -> int:
             print(f"runs in {store.path} (newest first):\n{format_summaries(rows)}" if rows else
                   f"no runs yet in {store.path}")
     except StoreError as e:
-        return _fail(str(e), False)
+        return fail(str(e), False)
     return 0

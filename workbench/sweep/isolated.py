@@ -1,6 +1,6 @@
 """Isolated sweep runs: each in a fresh Python process that writes the store itself.
 
-The parent (`run_isolated`) starts `python -m workbench._sweep_child`, sends one JSON request line
+The parent (`run_isolated`, here) starts `python -m workbench.sweep.child`, sends one JSON request line
 (the config, the store path) on its stdin, and reads JSON lines from its stdout: the run's events,
 then the outcome. A "stop" line on stdin, or stdin closing (the parent was killed), stops the run
 after its current token; the child still stores the partial run. The child's stderr passes through.
@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import queue
 import subprocess
 import sys
@@ -23,7 +22,9 @@ from typing import Any, TextIO
 from workbench.config import RunConfig
 from workbench.events import OnEvent
 from workbench.store import Store
-from workbench.wire import event_from_wire, event_to_wire
+from workbench.wire import event_from_wire
+
+CHILD_MODULE = "workbench.sweep.child"  # its entry point: started with -m, imported by no module
 
 
 def run_isolated(config: RunConfig, store: Store, on_event: OnEvent, should_stop: Callable[[], bool]) -> dict:
@@ -31,7 +32,7 @@ def run_isolated(config: RunConfig, store: Store, on_event: OnEvent, should_stop
     request = {"config": config.to_dict(), "store": str(store.path.resolve()),
                "log_level": logging.getLogger().getEffectiveLevel()}
     pipe = subprocess.PIPE
-    proc = subprocess.Popen([sys.executable, "-m", "workbench._sweep_child"], stdin=pipe, stdout=pipe, stderr=pipe,
+    proc = subprocess.Popen([sys.executable, "-m", CHILD_MODULE], stdin=pipe, stdout=pipe, stderr=pipe,
                             text=True, start_new_session=True)  # a Ctrl-C in the terminal reaches only us
     tail: deque[str] = deque(maxlen=20)
     relay = threading.Thread(target=_pump, args=(proc.stderr, lambda line: _relay(line, tail)), daemon=True)
@@ -47,7 +48,7 @@ def run_isolated(config: RunConfig, store: Store, on_event: OnEvent, should_stop
         proc.wait()
         relay.join(timeout=5)
         for pipe in (proc.stdin, proc.stdout, proc.stderr):
-            _close(pipe)
+            close_quietly(pipe)
     if outcome is None:
         message = _crash_message(proc.returncode, tail)
         return {"status": "error", "run_id": store.add_error(config, message), "message": message, "pid": proc.pid}
@@ -107,7 +108,8 @@ def _send(stream: TextIO | None, message: Any) -> None:
         pass  # the other side is gone
 
 
-def _close(stream: TextIO | None) -> None:
+def close_quietly(stream: TextIO | None) -> None:
+    """Close a pipe whose other side may be gone."""
     try:
         if stream is not None:
             stream.close()
@@ -121,44 +123,3 @@ def _crash_message(code: int | None, tail: Iterable[str]) -> str:
         how += " (out of memory?)"
     last = list(tail)[-1:] or [""]
     return f"the run process {how} without a result" + (f": {last[0]}" if last[0] else "")
-
-
-def child_main() -> None:
-    """Entry of an isolated run: a request line on stdin; events and the outcome as JSON lines on stdout.
-
-    A "stop" line on stdin, or stdin closing (the parent is gone), stops the run after its current token.
-    """
-    from workbench import logs
-
-    logs.setup(0)
-    wire = os.fdopen(os.dup(1), "w", buffering=1)
-    os.dup2(2, 1)  # stray prints from libraries go to stderr, never into the protocol
-    request = json.loads(sys.stdin.readline())
-    logging.getLogger().setLevel(request.get("log_level", logging.WARNING))
-    stop = threading.Event()
-    threading.Thread(target=_watch_parent, args=(stop,), daemon=True).start()
-
-    def emit(message: dict[str, Any]) -> None:
-        try:
-            wire.write(json.dumps(message, default=str) + "\n")
-        except (OSError, ValueError):
-            stop.set()  # the parent is gone: end the run as stopped; it is still stored
-
-    from workbench.sweep import run_inline
-
-    config, store = RunConfig.from_dict(request["config"]), Store(request["store"])
-    outcome = run_inline(config, store, lambda e: emit(event_to_wire(e)), stop.is_set)
-    emit({"outcome": outcome})
-    _close(wire)
-
-
-def _watch_parent(stop: threading.Event) -> None:
-    """Set `stop` on a "stop" line or when stdin closes."""
-    for line in sys.stdin:
-        if line.strip() == "stop":
-            break
-    stop.set()
-
-
-if __name__ == "__main__":
-    child_main()

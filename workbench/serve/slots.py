@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from workbench.config import check_fields, option
+from workbench.options import check_fields, option
 
 logger = logging.getLogger(__name__)
 

@@ -14,8 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from workbench.config import RunConfig, check_fields, option
+from workbench.config import RunConfig
 from workbench.errors import ConfigError
+from workbench.models.presets import PRESETS
+from workbench.options import check_fields, option
+from workbench.serde import from_dict, to_dict
 
 logger = logging.getLogger(__name__)
 
@@ -31,8 +34,6 @@ def is_loopback(ip: str) -> bool:
 
 def default_models() -> tuple[str, ...]:
     """tiny, every preset, and the students distilled on this server."""
-    from workbench.models.presets import PRESETS
-
     return ("tiny", *(f"preset:{name}" for name in sorted(PRESETS)), STUDENTS)
 
 
@@ -79,15 +80,11 @@ class PublishPolicy:
     # ------------------------------------------------------------------ environment edge
     def to_json(self) -> str:
         """JSON for the kernels' environment."""
-        from workbench.serde import to_dict
-
         return json.dumps(to_dict(self))
 
     @classmethod
     def from_json(cls, text: str) -> PublishPolicy:
         """Inverse of `to_json` (validated like the constructor)."""
-        from workbench.serde import from_dict
-
         return from_dict(cls, json.loads(text))
 
     @classmethod

@@ -9,8 +9,13 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from workbench.cli_interrupt import stop_on_ctrl_c
+from workbench.cli.common import EXIT_STOPPED, fail, usage
+from workbench.cli.interrupt import stop_on_ctrl_c
 from workbench.distill import DistillConfig, DistillResult, distill
+from workbench.errors import WorkbenchError
+from workbench.events import StageEvent, TrainEvent
+from workbench.flags import add_dataclass_arguments, dataclass_from_args
+from workbench.report import table
 
 _EPILOG = """\
 student specs (steps joined by '+', applied to a copy of the teacher):
@@ -32,8 +37,6 @@ the current step and still saves the best checkpoint; a second Ctrl-C aborts wit
 
 def add_distill_parser(sub: Any) -> None:
     """The `distill` subcommand's arguments: one flag per DistillConfig field, plus --json."""
-    from workbench.cli import add_dataclass_arguments
-
     p = sub.add_parser("distill", help="distil a smaller student from a teacher; save it as student:NAME",
                        description="Make a student from the teacher (pruned or with fewer layers), train it to "
                        "match the teacher's next-token distributions, and save the best checkpoint as a model "
@@ -44,8 +47,6 @@ def add_distill_parser(sub: Any) -> None:
 
 def _progress(enabled: bool) -> Callable[[Any], None]:
     """An on_event that prints stages and one line per held-out check on stderr."""
-    from workbench.events import StageEvent, TrainEvent
-
     best = [math.inf]
 
     def on_event(event: Any) -> None:
@@ -76,8 +77,6 @@ def pruned_only_command(config: DistillConfig) -> str | None:
 
 def format_distill(r: DistillResult) -> str:
     """The final table: teacher / student before training / distilled, and how to use the student."""
-    from workbench.report import table
-
     rows = [(f"teacher ({r.config.teacher})", f"{r.teacher_params / 1e6:.2f} M", f"{r.teacher_perplexity:.2f}"),
             ("student before training", f"{r.student_params / 1e6:.2f} M", f"{r.start_perplexity:.2f}"),
             (f"distilled (best: step {r.best_step})", f"{r.student_params / 1e6:.2f} M", f"{r.final_perplexity:.2f}")]
@@ -97,18 +96,15 @@ def format_distill(r: DistillResult) -> str:
 
 def cmd_distill(args: argparse.Namespace) -> int:
     """Validate the flags, distil, print the table (or one JSON object)."""
-    from workbench.cli import EXIT_STOPPED, _fail, _usage, dataclass_from_args
-    from workbench.errors import WorkbenchError
-
     try:
         config = dataclass_from_args(DistillConfig, args)
     except ValueError as e:
-        return _usage(args.prog, str(e))
+        return usage(args.prog, str(e))
     try:
         with stop_on_ctrl_c("stopping after the current step; the best checkpoint will be saved") as stop:
             result = distill(config, _progress(not args.json), stop)
     except WorkbenchError as e:
-        return _fail(str(e), args.json, config)
+        return fail(str(e), args.json, config)
     if args.json:
         print(json.dumps(result.to_dict() | {"recovered": result.recovered}), flush=True)
     else:

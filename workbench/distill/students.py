@@ -31,6 +31,7 @@ from workbench.errors import ConfigError
 from workbench.models.loader import Loaded, load_model
 from workbench.models.sources import STUDENT_NAME, TORCH_DTYPES, resolve, saved_students
 from workbench.paths import students_dir
+from workbench.techniques import structured  # noqa: F401 - registers the technique students are cut with
 from workbench.techniques.base import ApplyContext, TechniqueConfig, handler_for, parse_spec
 
 logger = logging.getLogger(__name__)
@@ -93,8 +94,6 @@ def _parse_layers(rest: str) -> KeepLayers:
 
 def _parse_structured(rest: str) -> TechniqueConfig:
     """The `structured` pruning technique's own spec."""
-    import workbench.techniques.structured  # noqa: F401 - registers the technique
-
     return parse_spec("structured" + (":" + rest if rest else ""))
 
 

@@ -7,8 +7,11 @@ import json
 import sys
 from typing import Any
 
-from workbench.cli_interrupt import stop_on_ctrl_c
+from workbench.cli.common import EXIT_ERROR, EXIT_STOPPED, fail, usage
+from workbench.cli.interrupt import stop_on_ctrl_c
+from workbench.errors import WorkbenchError
 from workbench.paths import STORE_HELP
+from workbench.report import human_bytes, table
 from workbench.store import Store, config_hash
 from workbench.sweep import SweepEvent, SweepReport, SweepSpec, run_sweep
 
@@ -50,13 +53,10 @@ def add_sweep_parser(sub: Any) -> None:
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     """Validate the whole grid, then run (or list) it."""
-    from workbench.cli import EXIT_ERROR, EXIT_STOPPED, _fail, _usage
-    from workbench.errors import WorkbenchError
-
     try:
         spec = SweepSpec.from_sources(args.file, args.set, args.axis)
     except ValueError as e:
-        return _usage(args.prog, str(e))
+        return usage(args.prog, str(e))
     try:
         store = Store(args.store)
         if args.dry_run:
@@ -65,7 +65,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             report = run_sweep(spec, store, _progress, stopped, isolate=args.isolate)
         rows = _rows(report, store)
     except WorkbenchError as e:
-        return _fail(str(e), args.json)
+        return fail(str(e), args.json)
     print(json.dumps(_report_json(report, rows, store)) if args.json else _format_report(report, rows), flush=True)
     return EXIT_STOPPED if report.stopped else EXIT_ERROR if report.failed else 0
 
@@ -115,8 +115,6 @@ def _num(value: float | None, fmt: str) -> str:
 
 def _format_report(report: SweepReport, rows: list[tuple[SweepEvent, Any]]) -> str:
     """The summary table and one line of totals."""
-    from workbench.report import human_bytes, table
-
     body = []
     for event, result in rows:
         m = _metrics(result)
@@ -146,8 +144,6 @@ def _report_json(report: SweepReport, rows: list[tuple[SweepEvent, Any]], store:
 
 def _dry_run(spec: SweepSpec, store: Store, as_json: bool) -> int:
     """List the configurations and which are already stored with status ok; run nothing."""
-    from workbench.report import table
-
     stored = store.hashes("ok")
     configs = [(i, spec.label(c), config_hash(c), c) for i, c in enumerate(spec.configs(), 1)]
     done = sum(h in stored for _, _, h, _ in configs)

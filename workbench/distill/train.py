@@ -1,4 +1,4 @@
-"""The distillation job behind `workbench.distill.distill`: check, load, build the student, train, save the best."""
+"""The distillation job: check, load, build the student, train with `distill_loss`, save the best (`distill`)."""
 
 from __future__ import annotations
 
@@ -12,16 +12,17 @@ from typing import Any
 
 import torch
 
-from workbench.distill import CurvePoint, DistillConfig, DistillResult, DistillStart, distill_loss
+from workbench.distill.config import CurvePoint, DistillConfig, DistillResult, DistillStart
+from workbench.distill.students import build_student, check_name_free, layout, parse_student, save_student
 from workbench.errors import ConfigError
-from workbench.events import MetricEvent, OnEvent, StageEvent, TrainEvent
-from workbench.execution import resolve_device
+from workbench.events import MetricEvent, OnEvent, StageEvent, TrainEvent, never_stop, no_event
+from workbench.execution import resolve_device, threads
 from workbench.measure.accuracy import evaluate, make_windows
 from workbench.measure.memory import parameter_count
 from workbench.models.loader import load_model
 from workbench.models.sources import resolve
 from workbench.reference.build import adamw, lr_at, sample_batch
-from workbench.students import build_student, check_name_free, layout, parse_student, save_student
+from workbench.reference.corpus import join_documents, load_corpus
 from workbench.textio import encode, heldout_ids
 
 logger = logging.getLogger(__name__)
@@ -31,8 +32,6 @@ MIN_LR_RATIO = 0.1  # the cosine schedule ends at lr / 10
 @functools.cache
 def reference_train_text() -> str:
     """The reference corpus's training split (the text `tiny` was trained on), rebuilt from the stdlib."""
-    from workbench.reference.corpus import join_documents, load_corpus
-
     return join_documents(load_corpus()[0])
 
 
@@ -64,6 +63,20 @@ def read_text_file(path: str) -> str:
     if not text.strip():
         raise ConfigError(f"the text file {path!r} is empty; give some UTF-8 text to train on")
     return text
+
+
+def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, targets: torch.Tensor,
+                 temperature: float, ce_weight: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(loss, ce, kl): loss = (1 − α)·T²·KL(teacher_T ‖ student_T) + α·CE, each a mean over token positions."""
+    s = student_logits.flatten(0, 1).float()  # (N, V)
+    ce = torch.nn.functional.cross_entropy(s, targets.flatten())
+    if teacher_logits is None:
+        return ce, ce, None
+    t = teacher_logits.flatten(0, 1).float()  # (N, V)
+    log_q = torch.log_softmax(s / temperature, dim=-1)  # (N, V) student
+    log_p = torch.log_softmax(t / temperature, dim=-1)  # (N, V) teacher
+    kl = torch.nn.functional.kl_div(log_q, log_p, log_target=True, reduction="batchmean")  # mean over N
+    return (1 - ce_weight) * temperature ** 2 * kl + ce_weight * ce, ce, kl
 
 
 class Distillation:
@@ -235,3 +248,18 @@ class Distillation:
         self.stage("save", "end", result.path)
         self.on_event(MetricEvent("result", result))
         return result
+
+
+def distill(config: DistillConfig, on_event: OnEvent = no_event, should_stop=never_stop) -> DistillResult:
+    """Build the student, distil it from the teacher, save the best checkpoint as `student:NAME`.
+
+    Raises a WorkbenchError subclass with one sentence for anything the user can fix (ConfigError,
+    ModelSourceError), before any weight is read where possible.
+    """
+    with threads(config.threads):
+        job = Distillation(config, on_event, should_stop)
+        job.prepare()
+        job.load()
+        job.train()
+        return job.finish()
+

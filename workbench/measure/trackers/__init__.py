@@ -1,0 +1,1 @@
+"""One module per metric; each registers its tracker (see `workbench.measure.tracker`)."""
