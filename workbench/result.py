@@ -193,11 +193,9 @@ class RunResult:
     def to_dict(self) -> dict[str, Any]:
         """Plain dict with the DESIGN.md keys (for JSON and the store): every section a top-level key."""
         data = to_dict(self)
-        measured = data.pop("sections")
-        order = ["config", "model"] + list(tracker.sections())
-        sections = {name: measured.get(name) for name in tracker.sections()}
-        merged = {**{k: data[k] for k in ("config", "model")}, **sections, **data}
-        return {k: merged[k] for k in order + [k for k in merged if k not in order]}
+        sections = data.pop("sections")
+        head = {k: data.pop(k) for k in ("config", "model")}
+        return {**head, **{name: sections.get(name) for name in tracker.sections()}, **data}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RunResult:

@@ -18,6 +18,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from workbench.config import RunConfig
 from workbench.errors import ConfigError
 from workbench.events import OnEvent
 from workbench.measure.accuracy import EvalWindows
@@ -39,7 +40,7 @@ class Generation:
 class EngineContext:
     """What every engine is built with: the run's settings and the runner's callbacks."""
 
-    config: Any  # RunConfig
+    config: RunConfig
     source: ModelSource
     device: torch.device
     model_config: Any  # the source's transformers config
