@@ -232,3 +232,14 @@ def test_an_engine_refuses_a_technique_it_cannot_apply_before_loading(fast, monk
     rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
     assert rows["sim"]["available"] is False and rows["sim"]["reason"] == "no such kernel here"
     assert rows["magnitude"]["engine"] == "hf" and rows["magnitude"]["available"] is True
+
+
+def test_adding_the_engine_field_kept_the_hashes_of_stored_runs():
+    """A sweep resumed over a store written before `engine` existed still finds its runs."""
+    import hashlib
+
+    from workbench.store import config_hash
+
+    config = RunConfig(model="tiny", techniques=("sim:bits=4",), max_new_tokens=7)
+    before = {k: v for k, v in config.to_dict().items() if k != "engine"}  # what the first wave hashed
+    assert config_hash(config) == hashlib.sha256(json.dumps(before, sort_keys=True).encode()).hexdigest()[:20]

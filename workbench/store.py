@@ -44,9 +44,15 @@ def summary_columns() -> tuple[str, ...]:
     return CORE_COLUMNS + tuple(c.name for c in tracker.columns()) + ("error",)
 
 
+# Fields added to RunConfig after runs were stored, with the value those runs had: left out of the hash at
+# that value, so a sweep still finds (and skips) the runs stored before the field existed.
+HASH_ADDED_FIELDS = {"engine": "hf"}
+
+
 def config_hash(config: RunConfig) -> str:
     """Stable id of a configuration (same settings, same hash): used to find and resume runs."""
-    return hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True).encode()).hexdigest()[:20]
+    data = {k: v for k, v in config.to_dict().items() if HASH_ADDED_FIELDS.get(k, object()) != v}
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:20]
 
 
 class Store:
