@@ -12,7 +12,7 @@ from typing import Any
 from workbench.config import DEFAULT_PROMPT, RunConfig
 from workbench.errors import ConfigError
 from workbench.measure.accuracy import EvalWindows, make_windows
-from workbench.models.sources import TINY_DIR
+from workbench.models.sources import TINY_DIR, text_config
 
 
 HELDOUT_FILE, CALIBRATION_FILE = "heldout.txt.gz", "calibration.txt.gz"
@@ -163,7 +163,7 @@ class Workload:
 def plan_workload(config: RunConfig, tokenizer: Any, model_config: Any, accuracy: bool,
                   my_rows: Callable[[list[list[int]]], list[list[int]]]) -> Workload:
     """Prompts and (when `accuracy`) held-out windows for `config`; ConfigError when they do not fit the model."""
-    text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    text = text_config(model_config)
     max_positions = getattr(text, "max_position_embeddings", None) or 1 << 20
     rows = my_rows(build_prompts(config, tokenizer, text.vocab_size))
     total = len(rows[0]) + config.max_new_tokens

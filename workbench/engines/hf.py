@@ -17,7 +17,7 @@ from workbench.measure.memory import available_bytes, check_fits, estimate_run, 
 from workbench.measure.roofline import bytes_per_step
 from workbench.models.checks import check_techniques_fit
 from workbench.models.loader import Loaded, count_params, kv_bytes_per_token, load_model
-from workbench.models.sources import TORCH_DTYPES
+from workbench.models.sources import TORCH_DTYPES, text_config
 from workbench.parallel.placement import Placement, parse_device_map, parse_max_memory, place
 from workbench.paths import compile_cache
 from workbench.result import ModelInfo, TechniqueRecord
@@ -48,7 +48,7 @@ class HFEngine(Engine):
         """A run the memory cannot hold is refused with every term of the estimate."""
         super().plan(tokenizer, prompt_ids, windows)
         ctx, cfg = self.ctx, self.ctx.config
-        text = ctx.model_config.get_text_config() if hasattr(ctx.model_config, "get_text_config") else ctx.model_config
+        text = text_config(ctx.model_config)
         est = estimate_run(text, params=count_params(ctx.model_config, cfg.trust_remote_code),
                            dtype_bytes=TORCH_DTYPES[cfg.dtype].itemsize,
                            kv_per_token=kv_bytes_per_token(ctx.model_config, cfg.dtype), batch=len(prompt_ids),

@@ -13,7 +13,7 @@ import torch
 from workbench.errors import ModelSourceError
 from workbench.models.checks import check_causal_lm
 from workbench.models.preset_weights import preset_folder
-from workbench.models.sources import TINY_DIR, TORCH_DTYPES, ModelSource, _hub_kwargs, load_config
+from workbench.models.sources import TINY_DIR, TORCH_DTYPES, ModelSource, _hub_kwargs, load_config, text_config
 
 logger = logging.getLogger(__name__)
 
@@ -126,7 +126,7 @@ def load_model(source: ModelSource, dtype: str, device: torch.device, *, trust_r
 
 def kv_bytes_per_token(config: Any, dtype: str) -> int:
     """K and V of every layer for one token of one sequence."""
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    text = text_config(config)
     layers = text.num_hidden_layers
     heads = text.num_attention_heads
     kv_heads = getattr(text, "num_key_value_heads", None) or heads

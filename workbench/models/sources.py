@@ -122,6 +122,11 @@ def _hub_kwargs(source: ModelSource) -> dict[str, Any]:
     return {}
 
 
+def text_config(config: Any) -> Any:
+    """The language model's part of a transformers config (multimodal configs nest it; others are it)."""
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
 def load_config(source: ModelSource, trust_remote_code: bool = False) -> Any:
     """The transformers config of a source (no weights read)."""
     from transformers import AutoConfig

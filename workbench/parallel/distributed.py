@@ -15,7 +15,7 @@ import torch
 from workbench.config import RunConfig
 from workbench.errors import ConfigError
 from workbench.execution import cpu_cores, resolve_device
-from workbench.models.sources import load_config, resolve
+from workbench.models.sources import load_config, resolve, text_config
 from workbench.parallel.coordinator import Coordinator
 
 logger = logging.getLogger(__name__)
@@ -70,7 +70,7 @@ def layout(config: RunConfig, local_world: int | None = None) -> Layout:
 def _check_tensor_plan(config: RunConfig, world: int) -> None:
     """The architecture must have a tensor-parallel plan, and the ranks must split its heads evenly."""
     model_config = load_config(resolve(config.model), config.trust_remote_code)
-    text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    text = text_config(model_config)
     if not getattr(text, "base_model_tp_plan", None):
         raise ConfigError(f"{config.model} ({type(text).__name__}) has no tensor-parallel plan in transformers, so "
                           "its layers cannot be split across ranks; use data_parallel or a device_map instead")
