@@ -3,7 +3,8 @@
 #   bash dev.sh demo     set up, then serve the dashboard (Voila) on the reference model; prints the URL
 #   bash dev.sh test     set up (chromium included, for the browser tests), then run the whole test suite
 #   bash dev.sh run      set up, then one `workbench run` on the reference model, printed as a table
-#   bash dev.sh setup    only set up (.venv with torch, the package and its extras; chromium)
+#   bash dev.sh setup    only set up (.venv with torch, the package and its extras, llama.cpp; chromium)
+#   bash dev.sh llama-bench   build llama.cpp's llama-bench for this CPU (bench/engines.py); prints its path
 # Re-running is fast: the install is skipped while pyproject.toml and this script are unchanged.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -29,7 +30,47 @@ setup() {
   fi
   echo "installing the workbench and its extras" >&2
   "$VENV/bin/python" -m pip install -q -e ".[dev]"
+  ensure_llamacpp
   echo "$want" > "$stamp"
+}
+
+# llama.cpp's CMake flags for this CPU, from /proc/cpuinfo: GGML_NATIVE=OFF (a -march=native build dies with
+# "Illegal instruction" on VMs that advertise AMX without allowing it), each x86 extension the CPU lists on,
+# AMX always off.
+llamacpp_cmake_args() {
+  local flags args="-DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF"
+  args="$args -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF"
+  flags=" $(grep -m1 '^flags' /proc/cpuinfo 2>/dev/null | cut -d: -f2) "
+  for pair in sse4_2:SSE42 avx:AVX avx2:AVX2 bmi2:BMI2 fma:FMA f16c:F16C avx_vnni:AVX_VNNI avx512f:AVX512 \
+              avx512_vbmi:AVX512_VBMI avx512_vnni:AVX512_VNNI avx512_bf16:AVX512_BF16; do
+    case "$flags" in
+      *" ${pair%%:*} "*) args="$args -DGGML_${pair#*:}=ON" ;;
+      *) args="$args -DGGML_${pair#*:}=OFF" ;;
+    esac
+  done
+  echo "$args"
+}
+
+# llama-cpp-python, compiled here once per CPU feature set and kept as a wheel (a later setup installs it in
+# seconds). LLAMACPP=skip leaves it out: the llamacpp engine then says how to install it, its tests skip.
+LLAMACPP_SPEC=${LLAMACPP_SPEC:-llama-cpp-python==0.3.36}
+ensure_llamacpp() {
+  if [ "${LLAMACPP:-build}" = skip ] || "$VENV/bin/python" -c "import llama_cpp" 2>/dev/null; then
+    return 0
+  fi
+  local args tag wheels
+  args=${LLAMACPP_CMAKE_ARGS:-$(llamacpp_cmake_args)}
+  tag=$(echo "$LLAMACPP_SPEC $args" | sha256sum | cut -c1-12)
+  wheels="${WORKBENCH_WHEELS:-${XDG_CACHE_HOME:-$HOME/.cache}/workbench/wheels}/llama-cpp-$tag"
+  if ! ls "$wheels"/llama_cpp_python-*.whl >/dev/null 2>&1; then
+    echo "building llama.cpp ($LLAMACPP_SPEC) for this CPU: about 15 minutes on 2 cores, once" \
+         "(kept in $wheels)" >&2
+    rm -rf "$wheels.tmp.$$"
+    CMAKE_ARGS="$args" CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) \
+      "$VENV/bin/python" -m pip wheel -q --no-deps -w "$wheels.tmp.$$" "$LLAMACPP_SPEC"
+    mkdir -p "$(dirname "$wheels")" && rm -rf "$wheels" && mv "$wheels.tmp.$$" "$wheels"
+  fi
+  "$VENV/bin/python" -m pip install -q "$wheels"/llama_cpp_python-*.whl
 }
 
 # Debian's chromium drives the browser tests (Playwright never downloads a browser here).
@@ -46,6 +87,26 @@ ensure_chromium() {
   fi
   echo "installing Debian's chromium (browser tests)" >&2
   $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq chromium >/dev/null
+}
+
+# llama.cpp's own llama-bench, from the same source and flags as the llama-cpp-python wheel (bench/engines.py
+# compares the workbench's llama.cpp decode with it); prints its path.
+llama_bench() {
+  local args tag dir src
+  args=${LLAMACPP_CMAKE_ARGS:-$(llamacpp_cmake_args)}
+  tag=$(echo "$LLAMACPP_SPEC $args" | sha256sum | cut -c1-12)
+  dir="${WORKBENCH_WHEELS:-${XDG_CACHE_HOME:-$HOME/.cache}/workbench/wheels}/llama-bench-$tag"
+  if [ ! -x "$dir/llama-bench" ]; then
+    echo "building llama.cpp's llama-bench for this CPU: about 15 minutes on 2 cores, once (kept in $dir)" >&2
+    src=$(mktemp -d)
+    "$VENV/bin/python" -m pip download -q --no-deps --no-binary :all: -d "$src" "$LLAMACPP_SPEC"
+    tar xzf "$src"/*.tar.gz -C "$src"
+    cmake -S "$src"/llama_cpp_python-*/vendor/llama.cpp -B "$src/build" -DCMAKE_BUILD_TYPE=Release \
+      -DBUILD_SHARED_LIBS=OFF -DLLAMA_CURL=OFF $(echo "$args" | sed 's/-DLLAMA_BUILD_TOOLS=OFF/-DLLAMA_BUILD_TOOLS=ON/') >/dev/null
+    cmake --build "$src/build" --target llama-bench -j "$(nproc)" >/dev/null
+    mkdir -p "$dir" && cp "$src/build/bin/llama-bench" "$dir/" && rm -rf "$src"
+  fi
+  echo "$dir/llama-bench"
 }
 
 case "${1:-demo}" in
@@ -66,5 +127,6 @@ case "${1:-demo}" in
     shift || true
     "$VENV/bin/python" -m pytest "$@"
     ;;
-  *) echo "usage: bash dev.sh [demo|test|run|setup] [extra args]" >&2; exit 2 ;;
+  llama-bench) setup; llama_bench ;;
+  *) echo "usage: bash dev.sh [demo|test|run|setup|llama-bench] [extra args]" >&2; exit 2 ;;
 esac

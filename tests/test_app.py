@@ -215,6 +215,46 @@ def test_technique_rows_follow_the_chosen_device(app, monkeypatch):
         w.quant.rows["sim"].about.value
 
 
+def test_engine_input_switches_pytorch_quantizers_off_and_leaves_pruning_and_gguf(app):
+    """llamacpp: every PyTorch quantizer greyed out with the engine's reason, pruning and gguf stay; hf: gguf off."""
+    import torch
+
+    from workbench.engines.base import engine_class
+
+    w = app()
+    w.settings["Execution"].form.inputs["device"].value = "cpu"
+    engine = w.settings["Execution"].form.inputs["engine"]  # an Engine input, its choices from the field
+    assert tuple(engine.options) == RunConfig.__dataclass_fields__["engine"].metadata["choices"]
+    gguf, int8 = w.quant.rows["gguf"], w.quant.rows["dynamic-int8"]
+    why = engine_class("hf").can_apply("gguf")
+    assert why and gguf.enabled.disabled and f"unavailable on cpu (hf):</b> {html.escape(why)}" in gguf.about.value
+    int8.enabled.value = True
+    engine.value = "llamacpp"
+    assert not int8.enabled.value  # switched off: the new engine cannot run it
+    for name, row in w.quant.rows.items():
+        why = engine_class("llamacpp").can_apply(name)
+        if name == "gguf":
+            assert why is None and not row.enabled.disabled and "unavailable" not in row.about.value
+        else:
+            assert why and row.enabled.disabled, name
+            assert f"unavailable on cpu (llamacpp):</b> {html.escape(why)}" in row.about.value
+    for name, row in w.prune.rows.items():  # the engine refuses no pruning (the device may)
+        assert row.reason == row.cls.unavailable(torch.device("cpu"))
+        assert row.enabled.disabled == (row.reason is not None)
+    assert {"structured", "magnitude", "wanda"} <= {n for n, r in w.prune.rows.items() if not r.enabled.disabled}
+    gguf.enabled.value = True
+    gguf.form.inputs["type"].value = "Q4_K_M"
+    w.prune.rows["magnitude"].enabled.value = True
+    config = w.config()
+    assert config.engine == "llamacpp" and config.technique_specs[-1] == "gguf:type=Q4_K_M"
+    assert [s.split(":")[0] for s in config.technique_specs] == ["magnitude", "gguf"]
+    assert w.problems.value == "" and not w.run_button.disabled
+    engine.value = "hf"  # back: gguf switched off with the reason, the PyTorch quantizers available again
+    assert not gguf.enabled.value and gguf.enabled.disabled and "unavailable on cpu (hf)" in gguf.about.value
+    assert not int8.enabled.disabled and [s.split(":")[0] for s in w.config().technique_specs] == ["magnitude"]
+    assert w.problems.value == "" and not w.run_button.disabled
+
+
 def test_impossible_combinations_are_explained_before_run(app):
     w = app()
     w.quant.rows["sim"].enabled.value = True

@@ -6,7 +6,7 @@ import json
 
 from test_app import app  # noqa: F401 - the app over a scripted runner (fixture)
 from widgets.figure import _BUNDLE, BUNDLE, LOADER, RESYNC, Figure
-from widgets.plots import ParetoPlot
+from widgets.history_plot import ParetoPlot
 
 LIVE_AXES = ("xaxis", "yaxis", "yaxis2", "xaxis2", "yaxis3", "xaxis3", "yaxis4", "xaxis4", "yaxis5")
 

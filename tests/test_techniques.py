@@ -102,6 +102,8 @@ def test_default_settings_meet_the_declared_expectation(name, tiny, heldout):
     from workbench.models.sources import TORCH_DTYPES
 
     expect = declared_expectation(REGISTRY[name])
+    if "hf" not in REGISTRY[name].engines:  # e.g. gguf: checked through its engine in tests/test_llamacpp.py
+        pytest.skip(f"{name} runs on the {REGISTRY[name].engines} engine, not on a PyTorch model")
     cfg = parse_spec(name)
     place = where_it_runs(cfg)
     if place is None:

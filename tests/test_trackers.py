@@ -190,7 +190,7 @@ def test_the_store_gains_the_engine_column_and_lists_old_rows_as_hf(fast, tmp_pa
 
 def test_engines_are_a_registry_and_an_unknown_one_is_refused():
     assert "hf" in engines() and engine_class("hf").name == "hf"
-    with pytest.raises(ConfigError, match=r"unknown engine 'vllm'; known: hf"):
+    with pytest.raises(ConfigError, match=r"unknown engine 'vllm'; known: hf, llamacpp"):
         engine_class("vllm")
     with pytest.raises(ValueError, match="engine"):
         RunConfig(engine="vllm")

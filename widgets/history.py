@@ -10,7 +10,7 @@ from typing import Any
 import ipywidgets as W
 
 from widgets.forms import error_html
-from widgets.plots import ParetoPlot
+from widgets.history_plot import ParetoPlot
 from workbench.analysis import METRICS, compare, describe
 from workbench.errors import WorkbenchError
 from workbench.report import human_bytes, summary_cells

@@ -108,5 +108,5 @@ def describe(r: RunResult) -> str:
     cfg = r.config
     techniques = " + ".join(t.label() for t in cfg.techniques) or "no technique"
     return (f"run {r.run_id if r.run_id is not None else '-'}: {cfg.model} {cfg.dtype} on "
-            f"{r.model.device if r.model else cfg.device}; {techniques}; batch {cfg.batch_size}, "
+            f"{r.model.device if r.model else cfg.device} ({cfg.engine} engine); {techniques}; batch {cfg.batch_size}, "
             f"{cfg.max_new_tokens} new tokens" + ("" if r.status == "ok" else f" ({r.status})"))

@@ -48,9 +48,10 @@ class RunConfig:
     dtype: str = option("fp32", "Weight and activation dtype.", group="Model", choices=DTYPES)
     device: str = option("auto", "Where to run: auto (CUDA if present, else CPU), cpu, cuda or cuda:N.",
                          group="Execution")
-    engine: str = option("hf", "Inference engine: hf (PyTorch through Hugging Face transformers). `workbench "
-                         "techniques --engine E` lists what each engine can apply.", group="Execution",
-                         choices=("hf",))
+    engine: str = option("hf", "Inference engine: hf (PyTorch through Hugging Face transformers) or llamacpp "
+                         "(the same model exported to GGUF and run by llama.cpp; batch 1). `workbench techniques "
+                         "--engine E` lists what each engine can apply.", group="Execution",
+                         choices=("hf", "llamacpp"))
     trust_remote_code: bool = option(False, "Allow a hub model to run its own Python code (off: "
                                      "only architectures built into transformers load).", group="Model")
     allow_pickle: bool = option(False, "Allow a pickle checkpoint (pytorch_model.bin) when a model has no "

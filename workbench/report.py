@@ -72,8 +72,9 @@ def _parallel_rows(r: RunResult) -> list[tuple[str, str]]:
     """Execution settings, where layers live, and each rank's share."""
     c, p, rows = r.config, r.parallel, []
     if c is not None:
-        rows.append(("execution", f"{c.engine} engine, {c.threads or 'all'} threads, {c.attn_implementation} attention, "
-                                  f"{c.kv_cache} KV cache{', torch.compile' if c.compile else ''}"))
+        torch_side = (f", {c.attn_implementation} attention, {c.kv_cache} KV cache{', torch.compile' if c.compile else ''}"
+                      if c.engine == "hf" else "")  # PyTorch settings; llama.cpp has its own kernels and cache
+        rows.append(("execution", f"{c.engine} engine, {c.threads or 'all'} threads{torch_side}"))
     if p is None:
         return rows
     if p.placement:

@@ -103,6 +103,9 @@ class RooflineStats:
     decode_bound_tokens_per_s: float | None
     fraction_of_bound: float | None
     method: str = ""
+    bound: str | None = None  # "bandwidth" | "launch" | "compute" | None: which limit the bound comes from
+    explanation: str = ""  # how the bandwidth was probed (method, probes) and whether it is uncertain, and why
+    uncertain: bool = False  # the probe ran while other processes were busy: the bound may be too low
 
 
 @dataclass(frozen=True)

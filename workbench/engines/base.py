@@ -25,6 +25,7 @@ from workbench.measure.accuracy import EvalWindows
 from workbench.measure.latency import TokenClock
 from workbench.models.sources import ModelSource
 from workbench.result import ModelInfo, RepeatTiming, TechniqueRecord
+from workbench.techniques.base import TechniqueConfig
 
 
 @dataclass
@@ -61,8 +62,18 @@ class Engine(abc.ABC):
 
     @classmethod
     def can_apply(cls, technique: str) -> str | None:
-        """None when this engine can apply the named technique, else why not (one sentence)."""
-        return None
+        """None when this engine can apply the named technique (its config lists the engine), else why not."""
+        from workbench.techniques.base import load_all
+
+        config = load_all().get(technique)
+        if config is None or cls.name in config.engines:
+            return None
+        return cls.refusal(config)
+
+    @classmethod
+    def refusal(cls, technique: type[TechniqueConfig]) -> str:
+        """Why this engine cannot apply a technique made for other engines (one sentence)."""
+        return f"{technique.name} runs on the {' and '.join(technique.engines)} engine only"
 
     def check(self) -> None:
         """What the model's config alone can refuse, before the tokenizer loads (ConfigError: one sentence)."""
@@ -113,6 +124,7 @@ class Engine(abc.ABC):
 
 
 ENGINES: dict[str, type[Engine]] = {}
+_all_imported = False
 
 
 def register(cls: type[Engine]) -> type[Engine]:
@@ -122,11 +134,14 @@ def register(cls: type[Engine]) -> type[Engine]:
 
 
 def engines() -> dict[str, type[Engine]]:
-    """Every engine, by name (importing the engine modules of this package on first use)."""
-    if not ENGINES:
+    """Every engine, by name (importing the engine modules of this package on first use: one engine module
+    imported directly, e.g. for `prepared_gguf`, registers only itself)."""
+    global _all_imported
+    if not _all_imported:
         package = importlib.import_module("workbench.engines")
         for info in pkgutil.iter_modules(package.__path__):
             importlib.import_module(f"{package.__name__}.{info.name}")
+        _all_imported = True
     return ENGINES
 
 

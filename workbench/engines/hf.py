@@ -21,7 +21,20 @@ from workbench.models.sources import TORCH_DTYPES, text_config
 from workbench.parallel.placement import Placement, parse_device_map, parse_max_memory, place
 from workbench.paths import compile_cache
 from workbench.result import ModelInfo, TechniqueRecord
+from workbench.techniques.base import TechniqueConfig
 from workbench.techniques.apply import apply_techniques
+
+
+def check_memory(ctx: EngineContext, prompt_ids: list[list[int]], windows: EvalWindows | None) -> None:
+    """Refuse, with every term of the estimate, a run (PyTorch weights at the run's dtype) the memory cannot hold."""
+    cfg = ctx.config
+    est = estimate_run(text_config(ctx.model_config), params=count_params(ctx.model_config, cfg.trust_remote_code),
+                       dtype_bytes=TORCH_DTYPES[cfg.dtype].itemsize,
+                       kv_per_token=kv_bytes_per_token(ctx.model_config, cfg.dtype), batch=len(prompt_ids),
+                       prompt_tokens=len(prompt_ids[0]), new_tokens=cfg.max_new_tokens,
+                       eval_batch_tokens=8 * (windows.context if windows else 0),
+                       eager=cfg.attn_implementation == "eager")
+    check_fits(est, available_bytes(ctx.device), "the GPU" if ctx.device.type == "cuda" else "this machine")
 
 
 @register
@@ -44,20 +57,16 @@ class HFEngine(Engine):
         cfg = self.ctx.config
         check_techniques_fit(self.ctx.model_config, cfg.techniques, cfg.model, cfg.trust_remote_code)
 
+    @classmethod
+    def refusal(cls, technique: type[TechniqueConfig]) -> str:
+        return (f"{technique.name} quantizes a GGUF file for llama.cpp, which PyTorch does not run; choose "
+                "--engine llamacpp")
+
     def plan(self, tokenizer: Any, prompt_ids: list[list[int]], windows: EvalWindows | None) -> None:
         """A run the memory cannot hold is refused with every term of the estimate."""
         super().plan(tokenizer, prompt_ids, windows)
-        ctx, cfg = self.ctx, self.ctx.config
-        text = text_config(ctx.model_config)
-        est = estimate_run(text, params=count_params(ctx.model_config, cfg.trust_remote_code),
-                           dtype_bytes=TORCH_DTYPES[cfg.dtype].itemsize,
-                           kv_per_token=kv_bytes_per_token(ctx.model_config, cfg.dtype), batch=len(prompt_ids),
-                           prompt_tokens=len(prompt_ids[0]), new_tokens=cfg.max_new_tokens,
-                           eval_batch_tokens=8 * (windows.context if windows else 0),
-                           eager=cfg.attn_implementation == "eager")
-        if not cfg.device_map:  # a device map is there precisely to run what does not fit in one place
-            where = "the GPU" if ctx.device.type == "cuda" else "this machine"
-            check_fits(est, available_bytes(ctx.device), where)
+        if not self.ctx.config.device_map:  # a device map is there precisely to run what does not fit in one place
+            check_memory(self.ctx, prompt_ids, windows)
 
     def load(self) -> None:
         ctx, cfg = self.ctx, self.ctx.config

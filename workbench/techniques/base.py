@@ -64,6 +64,7 @@ class TechniqueConfig:
     summary: ClassVar[str] = ""  # one line for listings and tooltips
     packs_weights: ClassVar[bool] = False  # replaces float weights by packed/quantized storage
     needs_float_weights: ClassVar[bool] = False  # reads or edits float weights (pruning, fake quant)
+    engines: ClassVar[tuple[str, ...]] = ("hf",)  # the engines that can apply it (`workbench techniques --engine`)
     expect: ClassVar[Expectation | None] = None  # each technique declares its own (numbers measured on `tiny`)
 
     def __post_init__(self) -> None:

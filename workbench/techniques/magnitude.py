@@ -42,6 +42,7 @@ class MagnitudeConfig(TechniqueConfig):
 
     name = "magnitude"
     kind = "prune"
+    engines = ("hf", "llamacpp")  # pruned float weights survive the GGUF export
     simulated = True
     needs_float_weights = True
     summary = "unstructured magnitude pruning (zeros in place): changes accuracy, not speed"

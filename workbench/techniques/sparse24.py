@@ -70,6 +70,7 @@ class Sparse24Config(TechniqueConfig):
 
     name = "2:4"
     kind = "prune"
+    engines = ("hf", "llamacpp")  # pruned float weights survive the GGUF export
     simulated = True  # on CPU and older GPUs; real kernels are named in the run's notes when used
     needs_float_weights = True
     summary = "2:4 semi-structured pruning: masks everywhere (accuracy), sparse kernels on Ampere+ GPUs (speed)"

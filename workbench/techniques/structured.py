@@ -39,6 +39,7 @@ class StructuredConfig(TechniqueConfig):
 
     name = "structured"
     kind = "prune"
+    engines = ("hf", "llamacpp")  # pruned float weights survive the GGUF export
     simulated = False
     needs_float_weights = True
     summary = "structured pruning of attention heads and MLP channels: a really smaller, faster model (Llama family)"

@@ -73,6 +73,7 @@ class WandaConfig(TechniqueConfig):
 
     name = "wanda"
     kind = "prune"
+    engines = ("hf", "llamacpp")  # pruned float weights survive the GGUF export
     simulated = True
     needs_float_weights = True
     summary = "activation-aware unstructured pruning (|W|·‖X‖ per output row): changes accuracy, not speed"
