@@ -5,9 +5,11 @@ best CPU configuration, decode tokens/s on `preset:llama-124m` at batch 1, each 
 roofline; rounds interleaved in one process. In the same rounds a plain llama-cpp-python loop times the same
 GGUF files (fidelity: (t(N) - t(1)) / (N - 1), as bench/fidelity.py) and llama.cpp's own llama-bench times the
 Q8_0 file (tg128). Accuracy: perplexity and KL against the same fp32 baseline on `tiny` (real weights).
-The targets of issue 14 are printed as met / missed with their numbers.
+The targets of issue 14 are printed as met / missed with their numbers. Accuracy runs first; the JSON and
+markdown files are rewritten after every round (an interrupted run keeps its finished rounds), with the load
+average at the start of each round (a busy machine slows every row of that round alike).
 
-    python bench/engines.py [--rounds 3] [--new-tokens 128] [--threads 2] [--eval-tokens 4096]
+    python bench/engines.py [--rounds 3] [--new-tokens 128] [--threads 2] [--repeats 3] [--eval-tokens 4096]
                             [--json bench/results/engines.json] [--markdown bench/results/engines.md]
 """
 
@@ -24,6 +26,7 @@ import sys
 import time
 from datetime import date
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
@@ -61,6 +64,7 @@ class Config(NamedTuple):
     techniques: tuple[str, ...] = ()
 
     def run_config(self, model: str, threads: int, **measure: Any) -> RunConfig:
+        """This configuration on `model`, measured on the CPU with `threads` threads."""
         return RunConfig(model=model, engine=self.engine, dtype=self.dtype, techniques=self.techniques, device="cpu",
                          threads=threads, min_duration_s=0.0, token_events=False, **measure)
 
@@ -136,8 +140,8 @@ def speed_round(configs: list[Config], args: argparse.Namespace, acc: dict[str, 
                 files: dict[str, tuple[Path, list[int]]]) -> None:
     """One round: every configuration through the workbench; after each llama.cpp run, the plain loop on its file."""
     for c in configs:
-        cfg = c.run_config(SPEED_MODEL, args.threads, max_new_tokens=args.new_tokens, warmup=1, repeats=3,
-                           eval_tokens=0)
+        cfg = c.run_config(SPEED_MODEL, args.threads, max_new_tokens=args.new_tokens, warmup=1,
+                           repeats=args.repeats, eval_tokens=0)
         try:
             r = run(cfg)
         except WorkbenchError as e:
@@ -152,34 +156,46 @@ def speed_round(configs: list[Config], args: argparse.Namespace, acc: dict[str, 
         line = f"  {c.label}: {r.latency.decode_tokens_per_s:.1f} tok/s"
         if c.engine == "llamacpp":
             path, prompt = gguf_file(cfg, files)
-            row["plain"].append(plain_decode(path, prompt, args.new_tokens, args.threads, 3))
+            row["plain"].append(plain_decode(path, prompt, args.new_tokens, args.threads, args.repeats))
             row["gguf"] = str(path)
             line += f", plain loop {row['plain'][-1]:.1f}"
         print(line, file=sys.stderr, flush=True)
 
 
-def speed(args: argparse.Namespace) -> dict[str, Any]:
-    """Interleaved rounds of every configuration, then llama-bench on the Q8_0 file in each round."""
+def bench_round(binary: str | Path | None, q8: str | None, args: argparse.Namespace, bench: list[float]) -> str:
+    """llama-bench once on the Q8_0 file, its tokens/s appended to `bench`; returns the status."""
+    if not binary:
+        return NOT_BUILT
+    if not q8:
+        return "no Q8_0 run"
+    try:
+        bench.append(llama_bench(Path(binary), Path(q8), args.new_tokens, args.threads))
+    except (OSError, ValueError, subprocess.SubprocessError) as e:
+        return f"llama-bench failed: {str(e).splitlines()[0][:160]}"
+    print(f"  llama-bench Q8_0 tg{args.new_tokens}: {bench[-1]:.1f} tok/s", file=sys.stderr, flush=True)
+    return "ok"
+
+
+def speed(args: argparse.Namespace, after_round: Callable[[dict[str, Any]], None]) -> None:
+    """Interleaved rounds of every configuration and llama-bench; the medians so far go to `after_round`."""
     configs = [c for c in CONFIGS if c.label in args.configs] if args.configs else CONFIGS
     acc: dict[str, dict[str, Any]] = {c.label: {"tokens_per_s": [], "fraction": [], "plain": []} for c in configs}
-    binary, bench, files = args.llama_bench or find_llama_bench(), [], {}
-    status = "no Q8_0 run" if binary else NOT_BUILT
+    bench: list[float] = []
+    files: dict[str, tuple[Path, list[int]]] = {}
+    load: list[float] = []
     for i in range(args.rounds):
-        print(f"round {i + 1} of {args.rounds}", file=sys.stderr, flush=True)
+        load.append(os.getloadavg()[0])  # other processes' load: a busy machine slows every row of its round
+        print(f"round {i + 1} of {args.rounds} (load average {load[-1]:.1f})", file=sys.stderr, flush=True)
         speed_round(configs, args, acc, files)
-        q8 = acc.get("llama.cpp Q8_0", {}).get("gguf")
-        if binary and q8:
-            try:
-                bench.append(llama_bench(Path(binary), Path(q8), args.new_tokens, args.threads))
-            except (OSError, ValueError, subprocess.SubprocessError) as e:
-                status = f"llama-bench failed: {str(e).splitlines()[0][:160]}"
-                continue
-            print(f"  llama-bench Q8_0 tg{args.new_tokens}: {bench[-1]:.1f} tok/s", file=sys.stderr, flush=True)
-    base = statistics.median(acc[BASELINE]["tokens_per_s"]) if acc.get(BASELINE, {}).get("tokens_per_s") else None
-    rows = [summarize(label, values, base) for label, values in acc.items() if values["tokens_per_s"]]
-    lb = {"tokens_per_s": statistics.median(bench) if bench else None, "runs": bench,
-          "binary": str(binary) if binary else None, "status": "ok" if bench else status}
-    return {"model": SPEED_MODEL, "rows": rows, "llama_bench": lb}
+        binary = args.llama_bench or find_llama_bench()  # looked up each round: it may finish building meanwhile
+        status = bench_round(binary, acc.get("llama.cpp Q8_0", {}).get("gguf"), args, bench)
+        rates = acc.get(BASELINE, {}).get("tokens_per_s")
+        base = statistics.median(rates) if rates else None
+        lb = {"tokens_per_s": statistics.median(bench) if bench else None, "runs": bench,
+              "binary": str(binary) if binary else None, "status": "ok" if bench else status}
+        rows = [summarize(label, values, base) for label, values in acc.items() if values["tokens_per_s"]]
+        after_round({"model": SPEED_MODEL, "rows": rows, "llama_bench": lb, "load_average": load,
+                     "rounds_done": i + 1})
 
 
 def summarize(label: str, values: dict[str, Any], base: float | None) -> dict[str, Any]:
@@ -292,10 +308,11 @@ def markdown(result: dict[str, Any]) -> str:
     tg = ["| target | measured | goal | |", "| --- | ---: | ---: | --- |"]
     tg += [target_row(t) for t in result["targets"]]
     eval_tokens = result["accuracy"][0]["eval_tokens"] if result["accuracy"] else 0
+    loads = ", ".join(f"{x:.1f}" for x in result["speed"].get("load_average", [])) or "–"
     return (f"Measured by `python bench/engines.py` on {result['cpu']} ({result['threads']} threads), "
             f"{result['platform']}, {result['date']}; bandwidth bound: {result['bandwidth']}\n\n"
             f"Speed on `{result['speed']['model']}` (batch 1, {result['new_tokens']} new tokens, median of "
-            f"{result['rounds']} interleaved rounds):\n\n" + "\n".join(s)
+            f"{result['rounds']} interleaved rounds; load average at each round: {loads}):\n\n" + "\n".join(s)
             + f"\n\nAccuracy on `tiny` ({eval_tokens} held-out tokens, KL against PyTorch fp32):\n\n" + "\n".join(a)
             + "\n\nTargets:\n\n" + "\n".join(tg) + "\n")
 
@@ -305,6 +322,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per configuration and round")
     parser.add_argument("--eval-tokens", type=int, default=4096)
     parser.add_argument("--configs", nargs="+", default=None, help="only these labels (a smoke run)")
     parser.add_argument("--llama-bench", default=None, help="llama-bench binary (default: the one dev.sh built)")
@@ -314,18 +332,21 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     bandwidth = probe_bandwidth(torch.device("cpu"), refresh=True)  # a bound for this session, kept if best
     started = time.perf_counter()
-    speed_result = speed(args)
-    acc_rows = accuracy(args)
-    result = {"cpu": cpu_name(), "threads": args.threads, "platform": platform.platform(), "date": str(date.today()),
-              "torch": torch.__version__, "rounds": args.rounds, "new_tokens": args.new_tokens,
-              "bandwidth": bandwidth.explanation, "bandwidth_bytes_per_s": bandwidth.bytes_per_s,
-              "speed": speed_result, "accuracy": acc_rows, "duration_s": None,
-              "targets": targets(speed_result["rows"], acc_rows, speed_result["llama_bench"])}
-    result["duration_s"] = time.perf_counter() - started
-    text = markdown(result)
-    print(text)
-    Path(args.json).write_text(json.dumps(result, indent=1))
-    Path(args.markdown).write_text(text)
+    acc_rows = accuracy(args)  # first (a few minutes): the files then hold whole rounds as they finish
+
+    def write(speed_result: dict[str, Any]) -> None:
+        result = {"cpu": cpu_name(), "threads": args.threads, "platform": platform.platform(),
+                  "date": str(date.today()), "torch": torch.__version__, "rounds": speed_result["rounds_done"],
+                  "new_tokens": args.new_tokens, "repeats": args.repeats, "bandwidth": bandwidth.explanation,
+                  "bandwidth_bytes_per_s": bandwidth.bytes_per_s, "speed": speed_result, "accuracy": acc_rows,
+                  "duration_s": time.perf_counter() - started,
+                  "targets": targets(speed_result["rows"], acc_rows, speed_result["llama_bench"])}
+        text = markdown(result)
+        print(text)
+        Path(args.json).write_text(json.dumps(result, indent=1))
+        Path(args.markdown).write_text(text)
+
+    speed(args, write)
 
 
 if __name__ == "__main__":

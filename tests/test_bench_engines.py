@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -118,9 +120,6 @@ def test_plain_loop_times_a_gguf_file(engines):
 
 def test_importing_one_engine_module_first_still_finds_every_engine():
     """bench/engines.py and notebook 06 import workbench.engines.llamacpp (prepared_gguf) before any run."""
-    import subprocess
-    import sys
-
     code = ("import workbench.engines.llamacpp\nfrom workbench.engines.base import engine_class\n"
             "print(engine_class('hf').name, engine_class('llamacpp').name)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)

@@ -76,6 +76,21 @@ def test_tiny_f32_tensors_and_permuted_qk(tiny, tiny_f32):
     assert gguf_tensor_bytes(tiny_f32) == sum(v.numel() * 4 for k, v in state.items() if k != "lm_head.weight")
 
 
+def test_the_header_reader_agrees_with_gguf_and_catches_truncation(tiny_f32, tmp_path):
+    layout = gguf_cache.read_layout(tiny_f32)
+    r = gguf.GGUFReader(tiny_f32)
+    assert layout.tensor_bytes == {t.name: int(t.n_bytes) for t in r.tensors}
+    assert layout.metadata["llama.block_count"] == 6 and layout.metadata["tokenizer.ggml.pre"] == "gpt-2"
+    assert "tokenizer.ggml.tokens" in layout.metadata  # arrays are skipped, their keys kept
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(tiny_f32.read_bytes()[:-1000])
+    with pytest.raises(ValueError, match="runs past the end"):
+        gguf_cache.read_layout(cut)
+    cut.write_bytes(tiny_f32.read_bytes()[:5000])
+    with pytest.raises(ValueError, match="ends inside its header"):
+        gguf_cache.read_layout(cut)
+
+
 def test_tiny_vocabulary_goes_in_as_it_is(tiny, tiny_f32):
     r = gguf.GGUFReader(tiny_f32)
     tokens = _field(r, "tokenizer.ggml.tokens")
@@ -472,11 +487,16 @@ def test_f32_gguf_logits_match_pytorch(tiny, tiny_f32):
     assert (got - want).abs().max().item() < 2e-3 * want.abs().max().item()
 
 
-@pytest.mark.parametrize("arch", ["llama", "llama3-rope", "mistral", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "llama3-rope", "linear-rope", "pruned-heads", "mistral", "qwen2"])
 def test_f32_gguf_logits_match_pytorch_for_each_layout(arch, tiny, tmp_path):
-    """GQA (4 heads, 2 KV heads) K re-ordering, Llama 3's rope_freqs, Mistral untied output, Qwen2 biases."""
+    """GQA (4 heads, 2 KV heads) K re-ordering, Llama 3's rope_freqs, heads × head size < hidden (structured
+    pruning), Mistral's untied output, Qwen2's biases."""
     pytest.importorskip("llama_cpp")
-    if arch == "llama3-rope":
+    if arch == "pruned-heads":
+        model = _small_llama(num_attention_heads=2, num_key_value_heads=1, head_dim=16)
+    elif arch == "linear-rope":
+        model = _small_llama(rope_scaling={"rope_type": "linear", "factor": 4.0})
+    elif arch == "llama3-rope":
         model = _small_llama(rope_theta=500000.0, head_dim=32, rope_scaling={
             "rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
             "original_max_position_embeddings": 64})
@@ -509,3 +529,14 @@ def test_llama_cpp_tokenizes_like_a_sentencepiece_style_tokenizer(spm_tokenizer,
 
     write_gguf(_small_llama(vocab_size=1000), spm_tokenizer, tmp_path / "spm.gguf", dtype="fp32", name="spm")
     assert gguf_export.tokenizer_problem(tmp_path / "spm.gguf", spm_tokenizer, heldout_text()) is None
+
+
+@pytest.mark.parametrize("gguf_type", gguf_cache.GGUF_TYPES)
+def test_every_offered_type_quantizes_tiny_without_an_importance_matrix(gguf_type, tiny_f32, tmp_path):
+    llama_cpp = pytest.importorskip("llama_cpp")
+    dst = tmp_path / f"{gguf_type}.gguf"
+    gguf_cache.quantize_gguf(tiny_f32, dst, gguf_type, threads=1)
+    layout = gguf_cache.read_layout(dst)
+    assert layout.metadata["general.file_type"] == getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{gguf_type}")
+    assert sum(layout.tensor_bytes.values()) < gguf_tensor_bytes(tiny_f32) / 3
+    assert torch.isfinite(_llama_logits(dst, [5, 6, 7, 8])).all()

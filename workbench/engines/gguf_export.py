@@ -253,7 +253,7 @@ def write_gguf(model: torch.nn.Module, tokenizer: Any, path: Path, *, dtype: str
 
 
 def gguf_tensor_bytes(path: Path) -> int:
-    """Sum of the tensor data bytes of a GGUF file (the weights llama.cpp holds)."""
-    import gguf
+    """Sum of the tensor data bytes of a GGUF file (the weights llama.cpp holds), from its header alone."""
+    from workbench.engines.gguf_cache import read_layout
 
-    return sum(int(t.n_bytes) for t in gguf.GGUFReader(path).tensors)
+    return sum(read_layout(Path(path)).tensor_bytes.values())

@@ -236,7 +236,6 @@ def tokenizer_problem(gguf_path: Path, tokenizer: Any, text: str) -> str | None:
 
 def _gguf_string(path: Path, key: str) -> str | None:
     """One string value of a GGUF file's metadata (None when absent)."""
-    import gguf
+    from workbench.engines.gguf_cache import read_layout
 
-    field = gguf.GGUFReader(path).get_field(key)
-    return None if field is None else field.contents()
+    return read_layout(path).metadata.get(key)

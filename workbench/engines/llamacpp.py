@@ -176,9 +176,9 @@ class LlamaCppEngine(Engine):
 
     def _embedding_bytes(self) -> int:
         """Bytes of the input embedding table in the GGUF file."""
-        from gguf import GGUFReader
+        from workbench.engines.gguf_cache import read_layout
 
-        return sum(int(t.n_bytes) for t in GGUFReader(self.gguf_path).tensors if t.name == "token_embd.weight")
+        return read_layout(self.gguf_path).tensor_bytes.get("token_embd.weight", 0)
 
     def apply(self) -> tuple[TechniqueRecord, ...]:
         """The techniques were applied on the way to the GGUF file (pruning before export, then quantization)."""
