@@ -54,6 +54,10 @@ def test_applies_to_the_reference_model_or_says_why_not(name, tiny):
     cfg = parse_spec(name)
     model = copy.deepcopy(tiny.model)
     ctx = ApplyContext(model, tiny.tokenizer, CPU, "fp32", lambda m, f: None)
+    if "hf" not in cls.engines:  # gguf: its engine applies it (tests/test_llamacpp.py); a PyTorch model is refused
+        with pytest.raises(RuntimeError, match="--engine llamacpp"):
+            handler_for(cfg)(cfg, ctx)
+        return
     model = handler_for(cfg)(cfg, ctx) or model
     ids = torch.tensor([[5, 6, 7, 8, 9]])
     out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, min_new_tokens=4,
@@ -154,7 +158,8 @@ def test_listing_says_where_each_technique_runs(capsys):
     rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
     assert set(rows) == set(NAMES)
     for name, row in rows.items():
-        assert row["available"] == (REGISTRY[name].unavailable(CPU) is None)
+        on_hf = "hf" in REGISTRY[name].engines  # the listing's default engine
+        assert row["available"] == (REGISTRY[name].unavailable(CPU) is None and on_hf)
         assert row["available"] or row["reason"]
         assert all(p["help"] for p in row["params"])
 

@@ -25,7 +25,7 @@ from workbench.measure.accuracy import EvalWindows
 from workbench.measure.latency import TokenClock
 from workbench.models.sources import ModelSource
 from workbench.result import ModelInfo, RepeatTiming, TechniqueRecord
-from workbench.techniques.base import TechniqueConfig
+from workbench.techniques.base import TechniqueConfig, load_all
 
 
 @dataclass
@@ -63,8 +63,6 @@ class Engine(abc.ABC):
     @classmethod
     def can_apply(cls, technique: str) -> str | None:
         """None when this engine can apply the named technique (its config lists the engine), else why not."""
-        from workbench.techniques.base import load_all
-
         config = load_all().get(technique)
         if config is None or cls.name in config.engines:
             return None
