@@ -10,6 +10,7 @@ import pytest
 from workbench.config import RunConfig
 from workbench.errors import ConfigError
 from workbench.events import StageEvent, TokenEvent
+from workbench.measure.accuracy import decode_looks_wrong
 from workbench.runner import run
 
 QUICK = dict(model="tiny", engine="llamacpp", warmup=0, repeats=1, min_duration_s=0.0, max_new_tokens=8,
@@ -112,7 +113,7 @@ def test_same_measures_as_the_pytorch_engine(f32):
     assert r.model.weight_bytes > 0 and r.model.architecture.startswith("GGUF F32")
     assert r.memory.kv_cache_bytes > 0 and r.memory.peak_host_bytes > 0
     assert r.roofline.bytes_per_token > 0
-    assert not any("decoded" in w and "agree" in w for w in r.warnings)  # the decode check passed
+    assert not decode_looks_wrong(r.warnings)  # the decode check passed
     assert sum(isinstance(e, TokenEvent) for e in events) == 8
 
 
@@ -185,3 +186,16 @@ def test_stop_mid_export_leaves_nothing_half_written():
             lambda: stop["now"])
     assert r.status == "stopped"
     assert files() == before, files() - before
+
+
+def test_a_prompt_longer_than_one_micro_batch_decodes_and_passes_the_decode_check(monkeypatch):
+    """600 prompt tokens: more than llama.cpp's 512-token micro-batch, in one decode whose logits are all read;
+    the decode check (one llama.cpp decode over the whole text) agrees with every token decoded one at a time."""
+    needs_llamacpp()
+    import workbench.runner as runner
+
+    shares = []
+    monkeypatch.setattr(runner, "decode_warning", lambda share: shares.append(share) or None)
+    r = run(RunConfig(**{**QUICK, "prompt_tokens": 600, "max_new_tokens": 6}))
+    assert r.status == "ok" and r.latency.prompt_tokens == 600 and r.latency.new_tokens == 6
+    assert shares == [1.0]

@@ -63,7 +63,7 @@ def supports_gpu() -> bool:
 class LlamaCppModel:
     """A loaded GGUF with a context of `n_ctx` positions for one sequence; `decode` feeds tokens, logits read."""
 
-    def __init__(self, path: Path, *, n_ctx: int, threads: int, gpu_layers: int = 0, n_batch: int = 512) -> None:
+    def __init__(self, path: Path, *, n_ctx: int, threads: int, gpu_layers: int = 0, n_ubatch: int = 512) -> None:
         lib = self.lib = bindings()
         self.model = self.ctx = self.batch = None
         mp = lib.llama_model_default_params()
@@ -72,8 +72,10 @@ class LlamaCppModel:
         if not self.model:
             raise RunFailed(f"llama.cpp could not load {path.name}; the file is re-exported on the next run")
         cp = lib.llama_context_default_params()
-        self.n_batch = max(1, min(n_batch, n_ctx))
-        cp.n_ctx, cp.n_batch, cp.n_ubatch, cp.n_seq_max = n_ctx, self.n_batch, self.n_batch, 1
+        # one llama_decode takes any sequence that fits the context (so the logits of its last outputs are all
+        # in one call's output buffer); llama.cpp computes it in micro-batches of n_ubatch tokens
+        self.n_batch = max(1, n_ctx)
+        cp.n_ctx, cp.n_batch, cp.n_ubatch, cp.n_seq_max = n_ctx, self.n_batch, max(1, min(n_ubatch, n_ctx)), 1
         cp.n_threads = cp.n_threads_batch = threads
         cp.no_perf = True
         self.ctx = lib.llama_init_from_model(self.model, cp)
@@ -102,22 +104,21 @@ class LlamaCppModel:
         self.lib.llama_memory_clear(self.lib.llama_get_memory(self.ctx), True)
 
     def decode(self, tokens: Sequence[int], start: int = 0, outputs: int = 1) -> None:
-        """Feed `tokens` at positions start.., asking logits for the last `outputs` of them (chunked by n_batch)."""
+        """Feed `tokens` at positions start.., asking logits for the last `outputs` of them (read with `logits`)."""
         lib, b, n = self.lib, self.batch, len(tokens)
-        if start + n > self.n_ctx:
-            raise RunFailed(f"{start + n} positions do not fit the llama.cpp context of {self.n_ctx}")
-        for lo in range(0, n, self.n_batch):
-            chunk = tokens[lo:lo + self.n_batch]
-            b.n_tokens = len(chunk)
-            for i, tok in enumerate(chunk):
-                b.token[i], b.pos[i], b.n_seq_id[i] = tok, start + lo + i, 1
-                b.seq_id[i][0] = 0
-                b.logits[i] = lo + i >= n - outputs
-            rc = lib.llama_decode(self.ctx, b)
-            if rc == 2:
-                raise Aborted
-            if rc != 0:
-                raise RunFailed(f"llama_decode failed (code {rc}) at position {start + lo}")
+        if n > self.n_batch or start + n > self.n_ctx:  # the batch holds n_batch tokens, the cache n_ctx positions
+            raise RunFailed(f"{n} tokens at position {start} do not fit the llama.cpp context of "
+                            f"{min(self.n_ctx, self.n_batch)}")
+        b.n_tokens = n
+        for i, tok in enumerate(tokens):
+            b.token[i], b.pos[i], b.n_seq_id[i] = tok, start + i, 1
+            b.seq_id[i][0] = 0
+            b.logits[i] = i >= n - outputs
+        rc = lib.llama_decode(self.ctx, b)
+        if rc == 2:
+            raise Aborted
+        if rc != 0:
+            raise RunFailed(f"llama_decode failed (code {rc}) for {n} tokens at position {start}")
 
     def step(self, token: int, position: int) -> int:
         """Decode one token at `position` and return the greedy next token (the hot loop: no Python copies)."""
