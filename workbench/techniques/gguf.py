@@ -11,8 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-import torch
-
 from workbench.options import option
 from workbench.techniques.base import ApplyContext, Expectation, TechniqueConfig, register, register_handler
 
@@ -49,10 +47,6 @@ class GGUFConfig(TechniqueConfig):
         """What the numbers mean."""
         return (f"{self.type} ({GGUF_TYPES[self.type]}) written by llama.cpp's quantizer; tensors too small or "
                 "with rows not a multiple of the block size keep a wider type (llama.cpp's own fallback)")
-
-    def model_problem(self, model: torch.nn.Module) -> str | None:
-        """Any model the GGUF writer accepts (the engine checks the architecture)."""
-        return None
 
 
 @register_handler(GGUFConfig)
