@@ -72,7 +72,7 @@ def test_run_estimate_counts_the_batch_kv_cache_activations_and_logits():
     """batch 4096 on a GPT-2-sized vocabulary: the last position's logits alone are 3 x 4096 x 50257 x 4 bytes."""
     from types import SimpleNamespace
 
-    from workbench.measure.memory import estimate_run
+    from workbench.measure.estimate import estimate_run
 
     text = SimpleNamespace(hidden_size=768, intermediate_size=2048, num_attention_heads=12, vocab_size=50257)
     est = estimate_run(text, params=123_551_232, dtype_bytes=4, kv_per_token=73_728, batch=4096, prompt_tokens=7,
@@ -96,7 +96,7 @@ def test_check_fits_refuses_with_every_number():
     import pytest
 
     from workbench.errors import InsufficientMemory
-    from workbench.measure.memory import check_fits, estimate_run
+    from workbench.measure.estimate import check_fits, estimate_run
 
     text = SimpleNamespace(hidden_size=768, intermediate_size=2048, num_attention_heads=12, vocab_size=50257)
     est = estimate_run(text, params=123_551_232, dtype_bytes=4, kv_per_token=73_728, batch=4096, prompt_tokens=7,

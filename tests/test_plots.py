@@ -113,3 +113,33 @@ def test_changing_the_budget_keeps_the_empty_notes(app):
     w.budget.value = 250
     texts = [a["text"] for a in w.live._widget_layout["annotations"]]
     assert "budget 250 ms" in texts and "budget 1000 ms" not in texts and texts.count("no run yet") == 4
+
+
+def test_the_bound_that_holds_is_a_line_under_the_roofline_plot(app):
+    from dataclasses import replace
+
+    from test_app import ScriptedRunner
+
+    from workbench.events import MetricEvent
+
+    explanation = ("The CPU spent 35 % of each decode step in kernels, the rest in Python and dispatch: "
+                   "overhead-bound — try --compile. 23.1 GB/s from the fp32 sum <probe>.")
+
+    class Bound(ScriptedRunner):
+        def __call__(self, config, on_event, should_stop):
+            result = super().__call__(config, on_event, should_stop)
+            roof = replace(result.roofline, bound="launch", explanation=explanation, busy_share=0.35)
+            on_event(MetricEvent("roofline", roof))
+            return replace(result, sections={**result.sections, "roofline": roof})
+
+    w = app(runner=Bound())
+    line = next(v for v in w.views if v.section == "roofline").widget
+    assert "no run yet" in line.value and line in w.children[2].children
+    w.start()
+    w.wait(10)
+    assert "<b>Bound: launch</b> — The CPU spent 35 % of each decode step in kernels" in line.value
+    assert "&lt;probe&gt;" in line.value  # shown as text, never as markup
+    plain = app()  # a section without a bound (stored before bounds were decided): says so
+    plain.start()
+    plain.wait(10)
+    assert "not measured" in next(v for v in plain.views if v.section == "roofline").widget.value

@@ -75,6 +75,7 @@ def test_allowed_runs_pass(policy):
     ({"min_duration_s": 31.0}, "min_duration_s 31 is above this server's limit of 30"),
     ({"tensor_parallel": 3}, "parallel processes 3 is above this server's limit of 2"),
     ({"device_map": "model.layers.0-1=disk"}, "does not allow offloading layers to disk"),
+    ({"device_map": "model.layers.0-1=cpu", "offload_folder": "/etc"}, "does not allow offloading layers to disk"),
 ])
 def test_locked_runs_refused_in_one_sentence(policy, changes, fragment):
     config = RunConfig(**changes)  # valid for the workbench: the core's validation is unchanged

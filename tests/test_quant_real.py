@@ -330,7 +330,7 @@ def test_full_run_records_the_technique(fast, tiny):
     (rec,) = result.techniques
     assert (rec.name, rec.kind, rec.simulated) == ("bnb-nf4", "quant", False)
     assert rec.params == {"compute_dtype": "fp32", "double_quant": True}
-    assert "NF4" in rec.notes and "Linear layers converted to nf4" in rec.notes
+    assert "NF4" in rec.notes and "quantized while loading" in rec.notes and "42 of 42 Linear layers converted" in rec.notes
     assert result.model.params == parameter_count(tiny.model)
     assert result.model.weight_bytes < 0.6 * weight_bytes(tiny.model)
     assert result.accuracy.kl_vs_baseline < KL_BOUND["bnb-nf4"]

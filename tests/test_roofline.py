@@ -12,6 +12,8 @@ import pytest
 import torch
 
 import workbench.measure.roofline as rl
+from workbench.measure import probes
+from workbench.measure.flops import Peak
 from workbench.config import RunConfig
 from workbench.measure import tracker
 from workbench.result import RooflineStats, RunResult
@@ -33,7 +35,7 @@ class Machine:
         monkeypatch.setattr(rl, "last_level_cache_bytes", lambda: 0)
         monkeypatch.setattr(rl, "_available_bytes", lambda: None)
         monkeypatch.setattr(rl, "CPU_METHODS", {name: self._method(name) for name in values})
-        monkeypatch.setattr(rl, "_cpu_times", self._cpu_times)
+        monkeypatch.setattr(probes, "cpu_times", self._cpu_times)
         monkeypatch.setattr(rl.os, "cpu_count", lambda: 2)
 
     def _method(self, name: str):
@@ -98,7 +100,7 @@ def test_a_busy_probe_is_not_trusted_over_a_calm_cached_one(cache, monkeypatch):
     bw = rl.probe_bandwidth(CPU, refresh=True)
     assert m.calls == 2 and (bw.bytes_per_s, bw.uncertain) == (22e9, False)
     assert "A newer probe was not trusted over it: other processes used 1.0 of 2 CPUs" in bw.explanation
-    _age(cache, rl.REMEASURE_AFTER_S + 1)  # a day old: probed again, still busy, the old calm value is kept ...
+    _age(cache, probes.REMEASURE_AFTER_S + 1)  # a day old: probed again, still busy, the old calm value is kept ...
     m.values["fp32 sum"] = 4e9
     assert rl.probe_bandwidth(CPU).bytes_per_s == 22e9 and m.calls == 3
     m.others, m.values["fp32 sum"] = 0.0, 20e9  # ... and, still a day old, probed on the next call too
@@ -121,7 +123,7 @@ def test_calm_probes_keep_the_best_within_a_day_and_are_refreshed_after_it(cache
     m.values["fp32 sum"] = 18e9
     bw = rl.probe_bandwidth(CPU, refresh=True)
     assert (bw.bytes_per_s, bw.probes) == (20e9, 2) and "2 calm probe(s)" in bw.explanation
-    _age(cache, rl.REMEASURE_AFTER_S + 1)
+    _age(cache, probes.REMEASURE_AFTER_S + 1)
     bw = rl.probe_bandwidth(CPU)
     assert m.calls == 3 and (bw.bytes_per_s, bw.probes) == (18e9, 1)
 
@@ -134,7 +136,7 @@ def test_calm_probes_keep_the_best_within_a_day_and_are_refreshed_after_it(cache
 ])
 def test_a_corrupt_or_old_cache_is_probed_again(cache, monkeypatch, content):
     m = Machine(monkeypatch, {"fp32 sum": 21e9})
-    cache.write_text(content.replace("KEY", rl._machine_key(CPU)).replace("NOW", str(time.time())))
+    cache.write_text(content.replace("KEY", probes.machine_key(CPU)).replace("NOW", str(time.time())))
     bw = rl.probe_bandwidth(CPU)
     assert m.calls == 1 and bw.bytes_per_s == 21e9
     assert _entry(cache)["bytes_per_s"] == 21e9  # rewritten whole
@@ -175,10 +177,10 @@ def test_the_probe_buffers_are_eight_times_the_last_level_cache_and_at_least_256
 def test_other_processes_cpu_use_decides_whether_the_machine_was_busy(monkeypatch):
     monkeypatch.setattr(rl.os, "cpu_count", lambda: 2)
     before = (100.0, 10.0, 50.0)
-    assert rl._busy_reason(before, (102.1, 12.0, 51.0)) is None  # 0.1 CPU of others: calm
-    assert rl._busy_reason(before, (103.0, 12.0, 51.0)) == "other processes used 1.0 of 2 CPUs during the probe"
-    assert rl._busy_reason(None, None) is None
-    assert rl._cpu_times() is None or len(rl._cpu_times()) == 3
+    assert probes.busy_reason(before, (102.1, 12.0, 51.0)) is None  # 0.1 CPU of others: calm
+    assert probes.busy_reason(before, (103.0, 12.0, 51.0)) == "other processes used 1.0 of 2 CPUs during the probe"
+    assert probes.busy_reason(None, None) is None
+    assert probes.cpu_times() is None or len(probes.cpu_times()) == 3
 
 
 def test_the_real_methods_measure_on_small_buffers(cache, monkeypatch):
@@ -211,19 +213,27 @@ def test_the_new_roofline_keys_round_trip_and_old_results_still_load():
 
 
 def test_the_report_row_says_when_the_bound_is_uncertain():
-    (calm,) = RooflineTracker.rows(rl.roofline(_bandwidth(False), 100_000_000, 1, 150.0))
-    (busy,) = RooflineTracker.rows(rl.roofline(_bandwidth(True), 100_000_000, 1, 150.0))
+    calm, bound = RooflineTracker.rows(rl.roofline(_bandwidth(False), 100_000_000, 1, 150.0))
+    busy, _ = RooflineTracker.rows(rl.roofline(_bandwidth(True), 100_000_000, 1, 150.0))
+    assert bound == ("bound", "bandwidth: Bandwidth-bound (compute was not compared: no FLOP count); the CPU's busy "
+                              "share is unknown (not measured).")
     assert calm[1].startswith("75% of 200 tokens/s") and "uncertain" not in calm[1]
     assert busy[1].startswith(calm[1]) and "(uncertain: the machine was busy while the bandwidth was probed" in busy[1]
 
 
 def test_the_tracker_warns_and_marks_the_section_when_the_probe_was_busy(monkeypatch):
     warnings: list[tuple[str, str]] = []
-    run = SimpleNamespace(model_info=object(), sections={"latency": SimpleNamespace(decode_tokens_per_s=150.0)},
-                          device=CPU, engine=SimpleNamespace(bytes_per_step=lambda prompt, new, kv: 100_000_000),
-                          prompt_ids=[[1, 2, 3]], config=SimpleNamespace(max_new_tokens=8),
+    engine = SimpleNamespace(bytes_per_step=lambda prompt, new, kv: 100_000_000,
+                             flops_per_step=lambda prompt, new, batch: 2e8, profile_refusal=lambda: "not profiled")
+    run = SimpleNamespace(model_info=object(), sections={"latency": SimpleNamespace(decode_tokens_per_s=150.0,
+                                                                                    tpot_ms=None)},
+                          device=CPU, engine=engine, prompt_ids=[[1, 2, 3]],
+                          config=SimpleNamespace(max_new_tokens=8, dtype="fp32", compile=False, tensor_parallel=1,
+                                                 data_parallel=1),
                           calls=SimpleNamespace(kv_bytes=0), warn=lambda message, section: warnings.append(
                               (message, section)))
+    monkeypatch.setattr("workbench.measure.trackers.roofline.probe_flops",
+                        lambda device, dtype: Peak(1e11, 1024, dtype, 1, False, "Peak 100 GFLOP/s."))
     monkeypatch.setattr("workbench.measure.trackers.roofline.probe_bandwidth", lambda device: _bandwidth(True))
     roof = RooflineTracker(run).finish()
     assert roof.uncertain and roof.decode_bound_tokens_per_s == 200.0

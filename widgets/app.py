@@ -368,8 +368,10 @@ class Workbench(W.VBox):
         else:
             self.progress.value, self.progress.description, self.progress.bar_style = 1.0, "done", "success"
             decode = result.latency.decode_tokens_per_s if result.latency else None
-            self.status.value = (f"done: run {result.run_id}" +
-                                 (f", decode {decode:.1f} tokens/s" if decode else "") + f" in {result.duration_s:.1f} s")
+            joules = result.energy.joules_per_token if result.energy else None
+            self.status.value = (f"done: run {result.run_id}" + (f", decode {decode:.1f} tokens/s" if decode else "")
+                                 + (f", {joules:.4g} J/token" if joules is not None else "")
+                                 + f" in {result.duration_s:.1f} s")
         if result.output_text:
             self._set_text(result.output_text)
         self.execution.value = parallel_html(result.parallel)

@@ -70,8 +70,9 @@ def field_widget(f: dataclasses.Field, hint: Any) -> W.Widget:
     tooltip = meta.get("help", "")
     common = {"description": label(f.name), "style": _STYLE, "layout": _LAYOUT, "tooltip": tooltip}
     default = f.default if f.default is not dataclasses.MISSING else None
-    if meta.get("choices"):
-        w = W.Dropdown(options=list(meta["choices"]), value=default, **common)
+    if meta.get("choices"):  # an optional choice starts at its first option, behind the 'auto' box below
+        w = W.Dropdown(options=list(meta["choices"]), value=meta["choices"][0] if default is None else default,
+                       **common)
     elif tp is bool:
         w = W.Checkbox(value=bool(default), indent=True, **common)
     elif tp is int:
@@ -85,7 +86,7 @@ def field_widget(f: dataclasses.Field, hint: Any) -> W.Widget:
                                min=lo if lo is not None else -1e18, max=hi if hi is not None else 1e18, **common)
     else:
         w = W.Text(value=default or "", placeholder="(default)" if optional else "", **common)
-    return OptionalValue(w, tooltip) if optional and tp is not str else w
+    return OptionalValue(w, tooltip) if optional and (tp is not str or meta.get("choices")) else w
 
 
 def widget_value(w: W.Widget) -> Any:

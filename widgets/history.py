@@ -9,6 +9,7 @@ from typing import Any
 
 import ipywidgets as W
 
+from widgets.batch_plot import BatchPlot
 from widgets.forms import error_html
 from widgets.history_plot import ParetoPlot
 from workbench.analysis import METRICS, compare, describe
@@ -77,6 +78,7 @@ class HistoryPanel:
         self.selected: list[int] = []
         self.results: list[RunResult] = []
         self.pareto = ParetoPlot(self.select)
+        self.batch = BatchPlot()  # the selected run's settings at every stored batch size: speed and J/token
         self.x = _dropdown("e2e_ms_p50", "x")
         self.y = _dropdown("perplexity", "y")
         self.size = _dropdown("weights_bytes", "size")
@@ -94,8 +96,8 @@ class HistoryPanel:
         self.where = W.HTML(f"<span class='wb-note'>Runs in <code>{html.escape(str(store_path))}</code> "
                             f"({_shared_with(store_path)})</span>")
         controls = W.HBox([self.x, self.y, self.size, self.refresh_button, self.export_button])
-        self.box = W.VBox([self.where, controls, self.message, self.pareto.widget, self.comparison, self.export_link,
-                           self.table])
+        self.box = W.VBox([self.where, controls, self.message, self.pareto.widget, self.comparison, self.batch.box,
+                           self.export_link, self.table])
 
     def _store(self) -> Store:
         return Store(self.store_path)
@@ -119,11 +121,19 @@ class HistoryPanel:
             self.message.value = error_html(str(e))
             return
         self.pareto.show(self.results, self.selected)
+        self.batch.show(self.results, self.anchor())
+
+    def anchor(self) -> RunResult | None:
+        """The run whose batch sweep is drawn: the last one selected, else the newest stored."""
+        by_id = {r.run_id: r for r in self.results}
+        chosen = next((by_id[i] for i in reversed(self.selected) if i in by_id), None)
+        return chosen or max(self.results, key=lambda r: r.run_id or 0, default=None)
 
     def select(self, run_id: int) -> None:
         """Select a run (the last two selected are compared)."""
         self.selected = (self.selected + [run_id])[-2:]
         self.pareto.show(self.results, self.selected)
+        self.batch.show(self.results, self.anchor())
         by_id = {r.run_id: r for r in self.results}
         if len(self.selected) == 2 and all(i in by_id for i in self.selected):
             self.comparison.value = comparison_table(by_id[self.selected[0]], by_id[self.selected[1]])

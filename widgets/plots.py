@@ -106,6 +106,7 @@ class LatencyPlot:
         self.ttft = cell.add(go.Scatter(x=[], y=[], mode="markers+text", name="TTFT", text=[],
                                         textposition="top right", marker={"size": 12, "symbol": "diamond"}))
         self.traces = (self.arrival, self.gap, self.ttft)
+        self.summary = self.energy = ""  # the title's final percentiles, and the run's J/token next to them
         _axis(self.fig, self.arrival.xaxis).title.text = "token index"
         # left: log, labelled at 1, 2, 5 per decade; right: linear from 0 with its own few ticks (as a log axis
         # overlaying the left one it copied the left axis' tick positions: crowded, odd values)
@@ -122,6 +123,7 @@ class LatencyPlot:
                 trace.x, trace.y = [], []
             self.ttft.text = []
             self.cell.title = f"Per-token latency (live): {phase} run {repeat + 1}"
+            self.summary = ""
             self.cell.empty(None)
 
     def add(self, events: Sequence[TokenEvent]) -> None:
@@ -156,9 +158,17 @@ class LatencyPlot:
         """Title with the final percentiles; the figure's state is persisted."""
         if latency and latency.ttft_ms and latency.e2e_ms:
             tpot = f", TPOT p50 {latency.tpot_ms.p50:.2f} ms" if latency.tpot_ms else ""
-            self.cell.title = (f"Per-token latency: TTFT p50 {latency.ttft_ms.p50:.1f} ms{tpot}, "
-                               f"E2E p50 {latency.e2e_ms.p50:.1f} ms ({latency.repeats} runs)")
+            self.summary = (f"Per-token latency: TTFT p50 {latency.ttft_ms.p50:.1f} ms{tpot}, "
+                            f"E2E p50 {latency.e2e_ms.p50:.1f} ms ({latency.repeats} runs)")
+            self.cell.title = self.summary + self.energy
         persist(self.fig)
+
+    def show_energy(self, joules_per_token: float | None) -> None:
+        """The run's energy per token next to its latency percentiles in the title (None: nothing shown)."""
+        self.energy = "" if joules_per_token is None else f", {joules_per_token:.4g} J/token"
+        if self.summary:
+            self.cell.title = self.summary + self.energy
+            persist(self.fig)
 
 
 class MemoryPlot:

@@ -89,6 +89,29 @@ def compare(a: RunResult, b: RunResult, keys: Sequence[str] | None = None) -> li
     return rows
 
 
+# Settings that change how long or how often a run measures, not what a decode step costs
+_NOT_THE_WORKLOAD = ("batch_size", "warmup", "repeats", "min_duration_s", "max_repeats", "token_events", "seed",
+                     "eval_tokens", "eval_context")
+
+
+def _workload(r: RunResult) -> tuple[str, str | None, str | None]:
+    data = {k: v for k, v in r.config.to_dict().items() if k not in _NOT_THE_WORKLOAD}
+    return repr(sorted(data.items())), r.env.cpu if r.env else None, r.env.gpu if r.env else None
+
+
+def batch_series(results: Sequence[RunResult], anchor: RunResult) -> list[RunResult]:
+    """The finished runs of `anchor`'s settings on its machine that differ only in batch size (and in how long they
+    measured): the newest at each batch size, by batch size. `anchor` itself is among them when it finished."""
+    key = _workload(anchor)
+    newest: dict[int, RunResult] = {}
+    for r in results:
+        if r.status == "ok" and _workload(r) == key:
+            b = r.config.batch_size
+            if b not in newest or (r.run_id or 0) > (newest[b].run_id or 0):
+                newest[b] = r
+    return [newest[b] for b in sorted(newest)]
+
+
 def technique_labels(specs: Sequence[str]) -> str:
     """Short labels of technique specs joined with ' + ' (specs that no longer parse are shown as stored)."""
     from workbench.errors import WorkbenchError

@@ -16,11 +16,13 @@ from workbench.serde import from_dict, to_dict
 from workbench.techniques.base import TechniqueConfig
 from workbench.techniques.rules import check_techniques
 
-__all__ = ["RunConfig", "DTYPES", "DEFAULT_PROMPT", "spell_fields", "option", "check_field", "check_fields"]
+__all__ = ["RunConfig", "DTYPES", "COMPILE_MODES", "DEFAULT_PROMPT", "spell_fields", "option", "check_field",
+           "check_fields"]
 
 DTYPES = ("fp32", "fp16", "bf16")
 DEFAULT_PROMPT = "The for statement is used to"
 _DEVICE_RE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 
 
 # A one-word field name is a setting only as a sentence's first word ("model must be ..."), before "=" or ">=",
@@ -82,14 +84,23 @@ class RunConfig:
     kv_cache: str = option("dynamic", "KV cache: dynamic (grows each token) or static (preallocated for "
                            "prompt + new tokens; needed by compile).", group="Execution",
                            choices=("dynamic", "static"))
-    compile: bool = option(False, "torch.compile the model's forward (static KV cache); the first call compiles, "
-                           "its time is reported as cold start apart from the warm latency.", group="Execution")
+    compile: bool = option(False, "Compile the one-token decode step with torch.compile, Hugging Face's recipe (static "
+                           "KV cache; prefill runs uncompiled); the first call compiles, its time is reported as cold "
+                           "start apart from the warm latency.", group="Execution")
+    compile_mode: str | None = option(None, "torch.compile mode with compile: default, reduce-overhead (CUDA graphs: "
+                                      "the step replayed as one launch) or max-autotune (searches kernels, slow to "
+                                      "compile; CUDA graphs too). Default: reduce-overhead on CUDA, default on CPU.",
+                                      group="Execution", choices=COMPILE_MODES)
     device_map: str | None = option(None, "Split the model across devices: auto, balanced or sequential "
                                     "(accelerate), or an explicit map 'LAYERS=DEVICE;...', e.g. "
                                     "'model.layers.0-2=cpu;model.layers.3-5=disk' (disk: offloaded to files, "
                                     "loaded per use). Default: everything on --device.", group="Parallelism")
     max_memory: str | None = option(None, "Memory cap per device for an automatic device_map, e.g. "
-                                    "'cpu=2GiB,cuda:0=10GiB'.", group="Parallelism")
+                                    "'cpu=2GiB,cuda:0=10GiB' (devices it does not name keep what is free).",
+                                    group="Parallelism")
+    offload_folder: str | None = option(None, "Folder for the layers a device_map offloads to disk (a per-run "
+                                        "folder inside it, removed after the run). Default: the system's "
+                                        "temporary folder.", group="Parallelism")
     tensor_parallel: int = option(1, "Ranks that each hold a slice of every layer (torch.distributed: gloo on "
                                   "CPU, nccl on GPU), through transformers' tensor-parallel plan.",
                                   group="Parallelism", minimum=1, maximum=1024)
@@ -154,10 +165,15 @@ class RunConfig:
         if self.max_memory and self.device_map not in ("auto", "balanced", "sequential"):
             raise ValueError("max_memory caps an automatic device_map: set device_map to auto, balanced or "
                              "sequential")
+        if self.offload_folder is not None and not self.device_map:
+            raise ValueError("offload_folder holds the layers a device_map offloads to disk: set device_map too")
         if self.device_map:
             parse_device_map(self.device_map)
         if self.max_memory:
             parse_max_memory(self.max_memory)
+        if self.compile_mode is not None and not self.compile:
+            raise ValueError(f"compile is off, so compile_mode {self.compile_mode} would do nothing: turn compile on "
+                             "or leave compile_mode unset")
         if self.compile:
             if self.kv_cache != "static":
                 raise ValueError("compile needs kv_cache=static (a fixed-shape cache compiles once)")

@@ -96,16 +96,21 @@ class AccuracyStats:
 
 @dataclass(frozen=True)
 class RooflineStats:
-    """Decode speed against the memory-bandwidth bound: every weight byte is read once per step."""
+    """Decode speed against the memory-bandwidth bound (every weight byte is read once per step), and which
+    limit holds: launching the kernels, the device's bandwidth, or its compute."""
 
     bandwidth_bytes_per_s: float | None
     bytes_per_token: int | None
     decode_bound_tokens_per_s: float | None
     fraction_of_bound: float | None
     method: str = ""
-    bound: str | None = None  # "bandwidth" | "launch" | "compute" | None: which limit the bound comes from
-    explanation: str = ""  # how the bandwidth was probed (method, probes) and whether it is uncertain, and why
+    bound: str | None = None  # "bandwidth" | "launch" | "compute" | None (no bound): the limit that holds
+    explanation: str = ""  # one sentence on the bound that holds and why, then how the bandwidth was probed
     uncertain: bool = False  # the probe ran while other processes were busy: the bound may be too low
+    busy_share: float | None = None  # device (kernel) time per decode step / measured TPOT; None: unknown
+    arithmetic_intensity: float | None = None  # FLOPs per byte read of one decode step
+    ridge_flop_per_byte: float | None = None  # the device's peak FLOP/s / its read bandwidth
+    peak_flops_per_s: float | None = None  # the probed peak of a large matmul in the run's dtype
 
 
 @dataclass(frozen=True)

@@ -118,9 +118,12 @@ class _Run:
         """The unmodified model's predictions (PyTorch, fp32): from the cache, or computed once (not timed)."""
         if not self.want_accuracy:
             return
-        self.baseline, self.baseline_greedy = baseline_cache.for_run(
-            self.source, self.config, self.device, self.windows, self.prompt_ids[0], self.tokenizer.pad_token_id,
-            self.stop_requested, lambda state, message: self.stage("baseline", state, message))
+        try:
+            self.baseline, self.baseline_greedy = baseline_cache.for_run(
+                self.source, self.config, self.device, self.windows, self.prompt_ids[0], self.tokenizer.pad_token_id,
+                self.stop_requested, lambda state, message: self.stage("baseline", state, message))
+        except baseline_cache.BaselineTooLarge as e:  # the run goes on; what needs the baseline stays null
+            self.warn(str(e), "accuracy")
 
     def load(self) -> None:
         cfg = self.config
@@ -135,6 +138,7 @@ class _Run:
         if cfg.techniques:
             self.stage("apply", "start", ", ".join(cfg.technique_specs))
         self.techniques = self.engine.apply()
+        self.take_engine_warnings()
         if cfg.techniques:
             self.stage("apply", "end")
         self.model_info = self.engine.info()
@@ -145,8 +149,15 @@ class _Run:
         """One generate call, recorded in `self.calls`."""
         clock = TokenClock(self.device, token_reporter(self.on_event, self.tokenizer, phase, repeat,
                                                        self.config.token_events, progress))
-        return self.calls.record(self.engine.generate(clock, want_cache=self.calls.kv_bytes is None,
-                                                      interruptible=interruptible))
+        timing = self.calls.record(self.engine.generate(clock, want_cache=self.calls.kv_bytes is None,
+                                                        interruptible=interruptible))
+        self.take_engine_warnings()
+        return timing
+
+    def take_engine_warnings(self) -> None:
+        """What the engine chose that the result must say (a compile fallback, a technique known to be slow here)."""
+        for message in self.engine.take_warnings():
+            self.warn(message)
 
     def warmup_and_measure(self) -> None:
         with self.phase("run"):

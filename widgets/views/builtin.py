@@ -6,6 +6,8 @@ import html
 from collections.abc import Mapping
 from typing import Any
 
+import ipywidgets as W
+
 from widgets.views import View, register
 from workbench.result import RunResult
 
@@ -60,10 +62,26 @@ class AccuracyView(View):
 
 @register
 class RooflineView(View):
-    """The measured decode rate against the bandwidth bound (the latency section brings the rate)."""
+    """The measured decode rate against the bandwidth bound (the latency section brings the rate), and a line
+    under the plots: which bound holds and why (the section's `bound` and `explanation`, as measured)."""
 
     section, order = "roofline", 40
+
+    def __init__(self, app: Any) -> None:
+        super().__init__(app)
+        self.widget = W.HTML(self._line(None, "no run yet"))
+
+    @staticmethod
+    def _line(value: Any, missing: str) -> str:
+        if value is None or not value.bound:
+            return f"<span class='wb-summary'><b>Bound</b>: {html.escape(missing)}</span>"
+        return (f"<span class='wb-summary'><b>Bound: {html.escape(value.bound)}</b> — "
+                f"{html.escape(value.explanation)}</span>")
+
+    def reset(self) -> None:
+        self.widget.value = self._line(None, "decided after the timed calls…")
 
     def show(self, value: Any, seen: Mapping[str, Any]) -> None:
         latency = seen.get("latency")
         self.app.roofline_plot.show(value, latency.decode_tokens_per_s if latency else None)
+        self.widget.value = self._line(value, "not measured (no decode rate, or no bandwidth bound)")

@@ -1,4 +1,5 @@
-"""View of the energy section: joules per token and average power, in one line under the live plots."""
+"""View of the energy section: joules per token and average power in one line under the live plots, and J/token
+next to the latency percentiles in the per-token latency plot's title."""
 
 from __future__ import annotations
 
@@ -32,7 +33,9 @@ class EnergyView(View):
 
     def reset(self) -> None:
         self.widget.value = self._text(None, "measured over the timed calls…")
+        self.app.latency_plot.show_energy(None)
 
     def show(self, value: Any, seen: Mapping[str, Any]) -> None:
+        self.app.latency_plot.show_energy(None if value is None else value.joules_per_token)
         self.widget.value = self._text(value, "not measured (see the warnings: no readable energy counter here, "
                                                      "or the run stopped before its timed calls)")

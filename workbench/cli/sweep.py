@@ -102,8 +102,10 @@ def _rows(report: SweepReport, store: Store) -> list[tuple[SweepEvent, Any]]:
 
 def _metrics(result: Any) -> dict[str, Any]:
     lat, mem, acc = (result.latency, result.memory, result.accuracy) if result else (None, None, None)
+    energy = result.sections.get("energy") if result else None
     return {"run_id": result.run_id if result else None,
             "decode_tokens_per_s": lat.decode_tokens_per_s if lat else None,
+            "joules_per_token": energy.joules_per_token if energy else None,
             "ttft_ms_p50": lat.ttft_ms.p50 if lat and lat.ttft_ms else None,
             "weights_bytes": mem.weights_bytes if mem else None, "perplexity": acc.perplexity if acc else None,
             "kl_vs_baseline": acc.kl_vs_baseline if acc else None}
@@ -119,11 +121,12 @@ def _format_report(report: SweepReport, rows: list[tuple[SweepEvent, Any]]) -> s
     for event, result in rows:
         m = _metrics(result)
         body.append((event.index, "stored" if event.status == "skipped" else event.status, _num(m["run_id"], "d"),
-                     event.label, _num(m["decode_tokens_per_s"], ".1f"), _num(m["ttft_ms_p50"], ".1f"),
+                     event.label, _num(m["decode_tokens_per_s"], ".1f"), _num(m["joules_per_token"], ".4g"),
+                     _num(m["ttft_ms_p50"], ".1f"),
                      human_bytes(m["weights_bytes"]), _num(m["perplexity"], ".2f"), _num(m["kl_vs_baseline"], ".4f"),
                      event.message[:80]))
-    text = table(body, ("#", "status", "run", "configuration", "decode tok/s", "TTFT ms", "weights", "perplexity", "KL",
-                        "error"))
+    text = table(body, ("#", "status", "run", "configuration", "decode tok/s", "J/token", "TTFT ms", "weights",
+                        "perplexity", "KL", "error"))
     return f"{text}\n{_totals(report)}"
 
 

@@ -22,6 +22,7 @@ from workbench.config import RunConfig
 from workbench.errors import ConfigError
 from workbench.events import OnEvent
 from workbench.measure.accuracy import EvalWindows
+from workbench.measure.flops import decode_flops
 from workbench.measure.latency import TokenClock
 from workbench.models.sources import ModelSource
 from workbench.result import ModelInfo, RepeatTiming, TechniqueRecord
@@ -59,6 +60,7 @@ class Engine(abc.ABC):
         self.ctx = ctx
         self.tokenizer: Any = None
         self.prompt_ids: list[list[int]] = []  # (B, T) this process's prompt rows
+        self.pending_warnings: list[str] = []  # what the engine chose that the result must say (a fallback)
 
     @classmethod
     def can_apply(cls, technique: str) -> str | None:
@@ -112,6 +114,20 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     def bytes_per_step(self, prompt_tokens: int, new_tokens: int, kv_bytes: int | None) -> int:
         """Bytes one decode step reads (the roofline's numerator)."""
+
+    def flops_per_step(self, prompt_tokens: int, new_tokens: int, batch: int) -> float:
+        """FLOPs of one decode step (the roofline's arithmetic intensity is this over `bytes_per_step`)."""
+        return decode_flops(self.info().params, self.ctx.model_config, batch, prompt_tokens, new_tokens)
+
+    def profile_refusal(self) -> str | None:
+        """None when the PyTorch profiler sees this engine's kernels (its busy share per decode step can be
+        measured), else why not (one sentence)."""
+        return f"the {self.name} engine's kernels run outside PyTorch, where its profiler cannot see them"
+
+    def take_warnings(self) -> list[str]:
+        """The warnings gathered since the last call (one sentence each), handed over once."""
+        taken, self.pending_warnings = self.pending_warnings, []
+        return taken
 
     def placement(self) -> Any:
         """Where the model's modules live when split over devices (a `parallel.placement.Placement`), else None."""

@@ -42,14 +42,17 @@ class Generator:
     """Runs the run's prompts through `model.generate`, exactly max_new_tokens greedy tokens each time."""
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, device: torch.device, config: Any,
-                 prompt_ids: list[list[int]], stop_requested: Callable[[], bool]) -> None:
+                 prompt_ids: list[list[int]], stop_requested: Callable[[], bool], compile_config: Any = None) -> None:
+        """`compile_config` (a transformers CompileConfig, see `hf_compile`): compile the decode step with it;
+        None: never compile (transformers would otherwise compile a static-cache model on CUDA by itself)."""
         from transformers import GenerationConfig
 
         self.model, self.device, self.stop_requested = model, device, stop_requested
         self.ids = torch.tensor(prompt_ids, dtype=torch.long, device=device)  # (B, T)
         n = config.max_new_tokens
         self.gen_kwargs = dict(max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=tokenizer.pad_token_id,
-                               eos_token_id=tokenizer.eos_token_id, disable_compile=True,
+                               eos_token_id=tokenizer.eos_token_id, disable_compile=compile_config is None,
+                               compile_config=compile_config,
                                cache_implementation="static" if config.kv_cache == "static" else None)
         self.generation_config = GenerationConfig
 

@@ -7,6 +7,7 @@ import hashlib
 import json
 import logging
 import os
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +15,9 @@ from typing import Any
 
 import torch
 
-from workbench.measure.accuracy import Baseline, EvalWindows, compute_baseline
+from workbench.errors import InsufficientMemory, is_oom
+from workbench.measure.accuracy import EVAL_BATCH, Baseline, EvalWindows, compute_baseline
+from workbench.measure.memory import available_bytes
 from workbench.models.loader import load_model
 from workbench.models.sources import ModelSource, fingerprint
 from workbench.paths import cache_dir
@@ -22,6 +25,7 @@ from workbench.paths import cache_dir
 logger = logging.getLogger(__name__)
 
 BASELINE_DTYPE = "fp32"
+_GIB = 1 << 30
 _memory: dict[str, object] = {}  # this process's copies, keyed like the files
 
 
@@ -129,11 +133,55 @@ def compute(keys: BaselineKeys, load_unmodified: Callable[[], torch.nn.Module], 
     return base, greedy
 
 
+class BaselineTooLarge(InsufficientMemory):
+    """The fp32 model does not fit where the baseline would be computed (the run goes on without it)."""
+
+
+def check_baseline_fits(source: ModelSource, config: Any, device: torch.device, windows: EvalWindows | None,
+                        prompt_tokens: int, available: int | None = None) -> None:
+    """Refuse (BaselineTooLarge, one sentence with the numbers) an fp32 baseline the device cannot hold."""
+    from workbench.measure.estimate import estimate_run
+    from workbench.models.loader import count_params, kv_bytes_per_token
+    from workbench.models.sources import load_config, text_config
+
+    model_config = load_config(source, config.trust_remote_code)
+    est = estimate_run(text_config(model_config), params=count_params(model_config, config.trust_remote_code),
+                       dtype_bytes=4, kv_per_token=kv_bytes_per_token(model_config, BASELINE_DTYPE), batch=1,
+                       prompt_tokens=prompt_tokens, new_tokens=config.max_new_tokens,
+                       eval_batch_tokens=EVAL_BATCH * (windows.context if windows else 0))
+    available = available_bytes(device) if available is None else available
+    if est.total > 0.9 * available:
+        where = "the GPU" if device.type == "cuda" else "this machine"
+        raise BaselineTooLarge(
+            f"the fp32 baseline was not computed: the unmodified model in fp32 needs about {est.total / _GIB:.1f} GiB "
+            f"on {where} (weights {est.weights / _GIB:.1f} GiB) but only {available / _GIB:.1f} GiB is free, so "
+            "KL, top-1 and greedy agreement vs the fp32 model are not measured (perplexity is)")
+
+
 def for_run(source: ModelSource, config: Any, device: torch.device, windows: EvalWindows | None,
             prompt_ids: list[int], pad_id: int | None, should_stop: Callable[[], bool],
             narrate: Callable[[str, str], None]) -> tuple[Baseline | None, list[int] | None]:
-    """The baseline of a run's model (PyTorch, fp32, whatever engine the run uses): cached, or computed once."""
+    """The baseline of a run's model (PyTorch, fp32, whatever engine the run uses): cached, or computed once.
+
+    BaselineTooLarge when it is not cached and the fp32 model cannot be held (checked before loading it, and
+    an out-of-memory failure while computing it becomes the same refusal, with the memory freed).
+    """
     keys = BaselineKeys.make(fingerprint(source), windows, prompt_ids, config.max_new_tokens)
-    return compute(keys, lambda: load_model(source, BASELINE_DTYPE, device, trust_remote_code=config.trust_remote_code,
-                                            seed=config.seed, allow_pickle=config.allow_pickle).model,
-                   windows, prompt_ids, config.max_new_tokens, pad_id, should_stop, narrate)
+    base, greedy = load_cached(keys)
+    if not ((base is not None or windows is None) and greedy is not None):
+        check_baseline_fits(source, config, device, windows, len(prompt_ids))
+    try:
+        return compute(keys, lambda: load_model(source, BASELINE_DTYPE, device,
+                                                trust_remote_code=config.trust_remote_code, seed=config.seed,
+                                                allow_pickle=config.allow_pickle).model,
+                       windows, prompt_ids, config.max_new_tokens, pad_id, should_stop, narrate)
+    except Exception as e:
+        if not is_oom(e):
+            raise
+        traceback.clear_frames(e.__traceback__)  # the failed frames' tensors go with them
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        raise BaselineTooLarge(f"the fp32 baseline was not computed: the unmodified model ran out of memory "
+                               f"({str(e).splitlines()[0][:120]}), so KL, top-1 and greedy agreement vs the fp32 "
+                               "model are not measured (perplexity is)") from None

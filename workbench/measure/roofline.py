@@ -4,16 +4,21 @@ The bound is only as good as the bandwidth under it. `probe_bandwidth` measures 
 machine reaches at the current thread count: several methods (fp32 and bf16 sums, a copy, a large fp32 GEMV)
 on buffers far larger than the last-level cache, keeping the best of all. It watches the other processes' CPU
 use while it probes: a probe taken on a busy machine is kept only as *uncertain* (contention lowers it) and is
-taken again on the next call; a calm probe is cached per machine and thread count and refreshed after a day.
+taken again on the next call; a calm probe is cached per machine and thread count and refreshed after a day
+(`workbench.measure.probes`).
+
+Which limit holds (`classify`): a device that works less than `LAUNCH_BOUND_BELOW` (half) of each decode step
+(`workbench.measure.busy`) waits more on launching work than on doing it: "launch" (on the CPU: Python and
+dispatch overhead). Otherwise a step whose arithmetic intensity (FLOPs / bytes, `workbench.measure.flops`) is
+above the device's ridge point (peak FLOP/s / bandwidth) is "compute"-bound, and below it "bandwidth"-bound.
+Half is where the device's own work stops being the larger part of a step: below it, the idle time left
+between kernels outweighs anything faster kernels (fewer bytes, fewer FLOPs) could save.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import os
-import platform
 import re
 import time
 from dataclasses import dataclass
@@ -22,7 +27,10 @@ from typing import Callable
 
 import torch
 
-from workbench.paths import cache_dir
+from workbench.measure import probes
+from workbench.measure.busy import Busy
+from workbench.measure.flops import Peak
+from workbench.measure.probes import best_seconds
 from workbench.result import RooflineStats
 
 logger = logging.getLogger(__name__)
@@ -31,9 +39,8 @@ MIN_BUFFER_BYTES = 256 * 2**20  # each probe buffer is at least this large ...
 CACHE_MULTIPLE = 8  # ... and at least this many times the last-level cache
 CUDA_BUFFER_BYTES = 2**30  # far beyond any GPU's L2 cache
 REPEATS = 4  # timed passes per method (after one untimed pass that faults the pages in); the fastest counts
-BUSY_SHARE = 0.1  # a probe is uncertain when other processes used more than this share of all CPUs during it
-REMEASURE_AFTER_S = 24 * 3600
 GEMV_COLS = 4096  # the GEMV's matrix is (buffer / 16 KiB) x 4096 fp32; its vector stays in the L1 cache
+LAUNCH_BOUND_BELOW = 0.5  # a device working less than half of each decode step is held back by launches / dispatch
 _CACHE_VERSION = 2  # entries of older versions (one `x.sum()`, no load check) are probed again
 _CPU_ROOT = Path("/sys/devices/system/cpu")
 
@@ -49,42 +56,27 @@ class Bandwidth:
     explanation: str  # one or two sentences: method, probes, buffers, threads, uncertainty and why
 
 
-def _best_seconds(fn: Callable[[], object], repeats: int, device: torch.device) -> float:
-    """Fastest of `repeats` timed calls of `fn`, after one untimed call (page faults, lazy init)."""
-    best = math.inf
-    for i in range(repeats + 1):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        if i:
-            best = min(best, time.perf_counter() - t0)
-    return best
-
-
 def sum_fp32(x: torch.Tensor, y: torch.Tensor, repeats: int) -> float:
     """Read bandwidth of a multi-threaded fp32 reduction over the whole buffer."""
-    return x.numel() * x.element_size() / _best_seconds(x.sum, repeats, x.device)
+    return x.numel() * x.element_size() / best_seconds(x.sum, repeats, x.device)
 
 
 def sum_bf16(x: torch.Tensor, y: torch.Tensor, repeats: int) -> float:
     """Read bandwidth of a bf16 reduction over the same bytes (half the bytes per element, other kernels)."""
     xb = x.view(torch.bfloat16)  # (2N,) the fp32 ones read as bf16 1.0 / 0.0: no NaNs, no denormals
-    return xb.numel() * xb.element_size() / _best_seconds(xb.sum, repeats, x.device)
+    return xb.numel() * xb.element_size() / best_seconds(xb.sum, repeats, x.device)
 
 
 def copy(x: torch.Tensor, y: torch.Tensor, repeats: int) -> float:
     """Bandwidth of a copy, counting the bytes read and the bytes written."""
-    return 2 * x.numel() * x.element_size() / _best_seconds(lambda: y.copy_(x), repeats, x.device)
+    return 2 * x.numel() * x.element_size() / best_seconds(lambda: y.copy_(x), repeats, x.device)
 
 
 def gemv_fp32(x: torch.Tensor, y: torch.Tensor, repeats: int) -> float:
     """Read bandwidth of a large fp32 matrix-vector product (what decode does): matrix bytes / time."""
     a = x.view(-1, GEMV_COLS)  # (N / 4096, 4096)
     v = torch.ones(GEMV_COLS, dtype=x.dtype, device=x.device)  # (4096,)
-    return a.numel() * a.element_size() / _best_seconds(lambda: torch.mv(a, v), repeats, x.device)
+    return a.numel() * a.element_size() / best_seconds(lambda: torch.mv(a, v), repeats, x.device)
 
 
 CPU_METHODS: dict[str, Callable[[torch.Tensor, torch.Tensor, int], float]] = {
@@ -146,79 +138,22 @@ def buffer_bytes(device: torch.device) -> int:
     return wanted // GEMV_COLS // 4 * GEMV_COLS * 4  # whole rows of the GEMV's fp32 matrix
 
 
-def _cpu_times() -> tuple[float, float, float] | None:
-    """(CPU seconds every process has used, CPU seconds this process has used, wall clock); None without /proc."""
-    try:
-        with open("/proc/stat") as f:
-            ticks = [int(v) for v in f.readline().split()[1:9]]  # user nice system idle iowait irq softirq steal
-    except (OSError, ValueError):
-        return None
-    busy = sum(ticks) - ticks[3] - ticks[4]  # steal counts: other virtual machines took the CPU
-    own = os.times()
-    return busy / os.sysconf("SC_CLK_TCK"), own.user + own.system, time.monotonic()
-
-
-def _busy_reason(before: tuple[float, float, float] | None, after: tuple[float, float, float] | None) -> str | None:
-    """Why the machine was too busy for a trustworthy probe between two `_cpu_times()`, or None when it was calm."""
-    if before is None or after is None or after[2] <= before[2]:
-        return None
-    cpus = os.cpu_count() or 1
-    others = max(0.0, (after[0] - before[0]) - (after[1] - before[1])) / (after[2] - before[2])  # CPUs on average
-    if others <= BUSY_SHARE * cpus:
-        return None
-    return f"other processes used {others:.1f} of {cpus} CPUs during the probe"
-
-
 def _probe(device: torch.device) -> dict:
     """Run every method once on fresh buffers; the best, which method gave it, the buffer size, the load."""
     methods = CUDA_METHODS if device.type == "cuda" else CPU_METHODS
     nbytes = buffer_bytes(device)
-    before = _cpu_times() if device.type == "cpu" else None
+    before = probes.cpu_times() if device.type == "cpu" else None
     x = torch.ones(nbytes // 4, dtype=torch.float32, device=device)  # (N,)
     y = torch.empty_like(x)  # (N,) the copy's destination
     results = {name: fn(x, y, REPEATS) for name, fn in methods.items()}
     del x, y
-    why = _busy_reason(before, _cpu_times() if before is not None else None)
+    why = probes.busy_reason(before, probes.cpu_times() if before is not None else None)
     method = max(results, key=lambda name: results[name])
-    logger.info("bandwidth probe (%s): %s%s", _machine_key(device),
+    logger.info("bandwidth probe (%s): %s%s", probes.machine_key(device),
                 ", ".join(f"{k} {v / 1e9:.1f} GB/s" for k, v in results.items()), f"; uncertain: {why}" if why else "")
     return {"version": _CACHE_VERSION, "bytes_per_s": results[method], "method": method, "methods": list(results),
             "buffer_bytes": nbytes, "measured_at": time.time(), "probes": 1, "uncertain": why is not None,
             "why": why or ""}
-
-
-def _machine_key(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"cuda:{torch.cuda.get_device_name(device)}"
-    from workbench.measure.env import cpu_name
-
-    return f"cpu:{platform.node()}:{cpu_name()}:{torch.get_num_threads()}threads"
-
-
-def _valid(entry: object) -> bool:
-    """A cache entry this version wrote, with usable numbers (anything else is probed again)."""
-    return (isinstance(entry, dict) and entry.get("version") == _CACHE_VERSION
-            and isinstance(entry.get("bytes_per_s"), (int, float)) and math.isfinite(entry["bytes_per_s"])
-            and entry["bytes_per_s"] > 0 and isinstance(entry.get("measured_at"), (int, float))
-            and isinstance(entry.get("probes"), int) and isinstance(entry.get("uncertain"), bool)
-            and isinstance(entry.get("method"), str) and isinstance(entry.get("methods"), list)
-            and isinstance(entry.get("buffer_bytes"), int))
-
-
-def _merge(old: dict | None, new: dict) -> dict:
-    """The entry to keep: the best calm value within a day; a busy probe never replaces a calm value."""
-    fresh = old is not None and new["measured_at"] - old["measured_at"] < REMEASURE_AFTER_S
-    if new["uncertain"]:
-        if old is not None and not old["uncertain"]:
-            return {**old, "rejected": new["why"]}  # the calm value stays, its age unchanged
-        if not (old is not None and fresh):
-            return new
-        best = new if new["bytes_per_s"] > old["bytes_per_s"] else {**old, "why": new["why"]}
-        return {**best, "probes": old["probes"] + 1}
-    if old is None or old["uncertain"] or not fresh:
-        return new
-    best = new if new["bytes_per_s"] > old["bytes_per_s"] else old
-    return {**best, "probes": old["probes"] + 1, "rejected": ""}
 
 
 def _explain(entry: dict, key: str) -> str:
@@ -236,32 +171,15 @@ def _explain(entry: dict, key: str) -> str:
     return text
 
 
-def _save(path: Path, cache: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(json.dumps(cache, indent=1))
-        os.replace(tmp, path)  # readers never see half a file
-    except OSError as e:
-        logger.warning("cannot cache the bandwidth in %s: %s", path, e)
-        tmp.unlink(missing_ok=True)
+def _valid(entry: object) -> bool:
+    """A bandwidth entry this version wrote, with usable numbers (anything else is probed again)."""
+    return probes.valid(entry, _CACHE_VERSION, "bytes_per_s", {"method": str, "methods": list, "buffer_bytes": int})
 
 
 def probe_bandwidth(device: torch.device, refresh: bool = False) -> Bandwidth:
     """The best read bandwidth of `device` at the current thread count: cached when calm, else probed now."""
-    path = cache_dir() / "bandwidth.json"
-    try:
-        cache = json.loads(path.read_text())
-    except (OSError, ValueError):
-        cache = {}
-    cache = cache if isinstance(cache, dict) else {}
-    key = _machine_key(device)
-    old = cache.get(key) if _valid(cache.get(key)) else None
-    if (old is not None and not old["uncertain"] and not refresh
-            and time.time() - old["measured_at"] < REMEASURE_AFTER_S):
-        return Bandwidth(old["bytes_per_s"], old["method"], old["probes"], False, _explain(old, key))
-    entry = _merge(old, _probe(device))
-    cache[key] = entry
-    _save(path, cache)
+    key = probes.machine_key(device)
+    entry = probes.cached("bandwidth.json", key, "bytes_per_s", _valid, lambda: _probe(device), refresh)
     return Bandwidth(entry["bytes_per_s"], entry["method"], entry["probes"], entry["uncertain"], _explain(entry, key))
 
 
@@ -282,14 +200,66 @@ def bytes_per_step(model: torch.nn.Module, weights: int, kv_cache: int | None, p
     return int(read + kv_mean)
 
 
-def roofline(bandwidth: Bandwidth, bytes_per_step: int, batch: int, decode_tokens_per_s: float | None) -> RooflineStats:
-    """The decode bound for `batch` rows per step and how close the measured decode came to it."""
+def classify(has_bound: bool, busy_share: float | None, intensity: float | None, ridge: float | None) -> str | None:
+    """The limit that holds: "launch" when the device works less than LAUNCH_BOUND_BELOW of each step, else
+    "compute" when a step's FLOP per byte is above the device's ridge, else "bandwidth"; None without a bound.
+    An unknown busy share skips the launch test, an unknown ridge the compute test."""
+    if not has_bound:
+        return None
+    if busy_share is not None and busy_share < LAUNCH_BOUND_BELOW:
+        return "launch"
+    if intensity is not None and ridge is not None and intensity > ridge:
+        return "compute"
+    return "bandwidth"
+
+
+def _num(x: float) -> str:
+    return f"{x:.0f}" if x >= 10 else f"{x:.2g}"
+
+
+def _bound_sentence(kind: str, who: str, batch: int, busy: Busy | None, intensity: float | None,
+                    ridge: float | None, peak_why: str, compiled: bool, cuda_graphs: bool) -> str:
+    """One sentence: the limit that holds, the numbers that decided it, and what to try."""
+    share = busy.share if busy is not None else None
+    if share is None:
+        worked = f"the {who}'s busy share is unknown ({busy.why if busy else 'not measured'})"
+    elif who == "GPU":
+        worked = f"the GPU was busy {100 * share:.0f} % of each decode step"
+    else:
+        worked = f"the CPU spent {100 * share:.0f} % of each decode step in kernels"
+    if kind == "launch":
+        if who == "GPU":
+            return worked[0].upper() + worked[1:] + ": launch-bound — " + (
+                "even with CUDA graphs; a larger batch does more work per launch." if cuda_graphs else
+                "use CUDA graphs (--compile-mode reduce-overhead)." if compiled else
+                "compile with CUDA graphs (--compile).")
+        return worked[0].upper() + worked[1:] + ", the rest in Python and dispatch: overhead-bound — " + (
+            "even compiled; a larger batch does more work per step." if compiled else "try --compile.")
+    if intensity is None or ridge is None:
+        return f"Bandwidth-bound (compute was not compared: {peak_why or 'no FLOP count'}); {worked}."
+    side = "above" if intensity > ridge else "below"
+    return (f"{kind.capitalize()}-bound: batch {batch} does {_num(intensity)} FLOP per byte, {side} this {who}'s "
+            f"ridge of {_num(ridge)}; {worked}.")
+
+
+def roofline(bandwidth: Bandwidth, bytes_per_step: int, batch: int, decode_tokens_per_s: float | None, *,
+             busy: Busy | None = None, peak: Peak | None = None, flops_per_step: float | None = None,
+             who: str = "CPU", compiled: bool = False, cuda_graphs: bool = False, peak_why: str = "") -> RooflineStats:
+    """The decode bound for `batch` rows per step, how close the measured decode came to it, and which limit
+    holds (`classify`) given the device's busy share, the step's FLOPs and the device's peak FLOP/s."""
     per_token = bytes_per_step / batch
     bound = bandwidth.bytes_per_s / per_token if per_token else None
     fraction = decode_tokens_per_s / bound if bound and decode_tokens_per_s else None
+    intensity = flops_per_step / bytes_per_step if flops_per_step and bytes_per_step else None
+    ridge = peak.flops_per_s / bandwidth.bytes_per_s if peak is not None else None
+    kind = classify(bound is not None, busy.share if busy else None, intensity, ridge)
+    explanation = " ".join(x for x in (
+        _bound_sentence(kind, who, batch, busy, intensity, ridge, peak_why, compiled, cuda_graphs) if kind else "",
+        bandwidth.explanation, peak.explanation if peak is not None else "") if x)
     return RooflineStats(bandwidth_bytes_per_s=bandwidth.bytes_per_s, bytes_per_token=int(per_token),
                          decode_bound_tokens_per_s=bound, fraction_of_bound=fraction,
                          method=f"read bandwidth from the {bandwidth.method}; bytes per token = (weights read per "
                          "decode step + mean KV cache) / batch; a model that fits in the CPU caches can exceed the "
-                         "DRAM bound", bound="bandwidth" if bound else None, explanation=bandwidth.explanation,
-                         uncertain=bandwidth.uncertain)
+                         "DRAM bound", bound=kind, explanation=explanation, uncertain=bandwidth.uncertain,
+                         busy_share=busy.share if busy else None, arithmetic_intensity=intensity,
+                         ridge_flop_per_byte=ridge, peak_flops_per_s=peak.flops_per_s if peak else None)

@@ -98,11 +98,11 @@ def register(cls: type[Tracker]) -> type[Tracker]:
 
 
 def trackers() -> list[type[Tracker]]:
-    """Every registered tracker class, in section order (importing the tracker modules on first use)."""
-    if not REGISTRY:
-        package = importlib.import_module("workbench.measure.trackers")
-        for info in pkgutil.iter_modules(package.__path__):
-            importlib.import_module(f"{package.__name__}.{info.name}")
+    """Every registered tracker class, in section order (importing the tracker modules on first use: a module
+    imported on its own before registers only its tracker)."""
+    package = importlib.import_module("workbench.measure.trackers")
+    for info in pkgutil.iter_modules(package.__path__):
+        importlib.import_module(f"{package.__name__}.{info.name}")  # once: later imports are dictionary look-ups
     return sorted(REGISTRY.values(), key=lambda t: (t.order, t.section))
 
 

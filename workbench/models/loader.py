@@ -12,7 +12,7 @@ import torch
 
 from workbench.errors import ModelSourceError
 from workbench.models.checks import check_causal_lm
-from workbench.models.preset_weights import preset_folder
+from workbench.models.preset_weights import preset_folder, preset_shards
 from workbench.models.sources import TINY_DIR, TORCH_DTYPES, ModelSource, _hub_kwargs, load_config, text_config
 
 logger = logging.getLogger(__name__)
@@ -79,17 +79,19 @@ def _weights_error(source: ModelSource, error: Exception, allow_pickle: bool = F
 
 def load_model(source: ModelSource, dtype: str, device: torch.device, *, trust_remote_code: bool = False,
                seed: int = 0, attn_implementation: str = "sdpa", extra: dict[str, Any] | None = None,
-               allow_pickle: bool = False) -> Loaded:
+               allow_pickle: bool = False, at_load: dict[str, Any] | None = None) -> Loaded:
     """Load weights (or build a preset with seeded random weights) onto `device` in `dtype`.
 
     Only safetensors weights load unless `allow_pickle` (then transformers reads a pickle checkpoint with
     `torch.load(weights_only=True)`). `extra` goes to `from_pretrained` as is (e.g. a tensor-parallel
-    `distributed_config`).
+    `distributed_config`). `at_load` holds the `from_pretrained` arguments that quantize the weights as they
+    are read (`quantization_config`) or place them over devices (`device_map`, `offload_folder`); a preset
+    then loads from its seeded weights written block by block, so neither host nor device holds it whole.
     """
     from transformers import AutoModelForCausalLM
 
     torch_dtype = TORCH_DTYPES[dtype]
-    if source.kind == "preset" and not extra:
+    if source.kind == "preset" and not extra and not at_load:
         config = load_config(source)
         torch.manual_seed(seed)
         with torch.device(device):
@@ -97,17 +99,20 @@ def load_model(source: ModelSource, dtype: str, device: torch.device, *, trust_r
     else:
         check_causal_lm(load_config(source, trust_remote_code), source.spec)  # before a weight is read
         kwargs: dict[str, Any] = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code,
-                                  "attn_implementation": attn_implementation, **_hub_kwargs(source), **(extra or {})}
+                                  "attn_implementation": attn_implementation, **_hub_kwargs(source), **(extra or {}),
+                                  **(at_load or {})}
         if not allow_pickle:
             refuse_pickle(source)
             kwargs["use_safetensors"] = True
-        if device.type == "cuda" and not extra:
+        if not extra and "device_map" not in kwargs and (device.type == "cuda" or at_load):
             kwargs["device_map"] = {"": device}
         try:
             with contextlib.ExitStack() as scratch:
                 location = source.location
-                if source.kind == "preset":  # from_config cannot shard: load the same seeded weights from a folder
+                if source.kind == "preset" and extra:  # from_config cannot shard: the same seeded weights, as a folder
                     location = scratch.enter_context(preset_folder(source, dtype, seed, attn_implementation))
+                elif source.kind == "preset":
+                    location = scratch.enter_context(preset_shards(source, dtype, seed, device, kwargs.get("offload_folder")))
                 model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
         except ModelSourceError:
             raise
@@ -118,7 +123,7 @@ def load_model(source: ModelSource, dtype: str, device: torch.device, *, trust_r
             raise _weights_error(source, e, allow_pickle) from None
         except Exception as e:  # noqa: BLE001 - OSError, RuntimeError, safetensors' own SafetensorError...
             raise _weights_error(source, e, allow_pickle) from None
-        if not extra:
+        if not extra and not at_load:
             model.to(device)
     model.eval()
     return Loaded(model, load_tokenizer(source, trust_remote_code), source, device)

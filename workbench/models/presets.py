@@ -51,4 +51,12 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
        tie_word_embeddings=True, rms_norm_eps=1e-5, rope_theta=500000.0,
        rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
                      "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
+    _p("llama-3.1-8b", "LlamaConfig", "Llama-3.1-8B: hidden 4096, 32 layers, 32 heads / 8 KV heads, MLP 14336, "
+       "untied embeddings, 128 256-token vocabulary (8.0 B parameters: 16 GB in bf16, about 5.7 GB with its "
+       "block layers in nf4, quantized while loading).",
+       vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+       num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=131072,
+       tie_word_embeddings=False, rms_norm_eps=1e-5, rope_theta=500000.0,
+       rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                     "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
 )}

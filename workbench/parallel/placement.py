@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
 import tempfile
 from dataclasses import dataclass
@@ -125,7 +126,8 @@ class Placement:
     offload_dir: str | None = None
 
 
-def _module_bytes(model: torch.nn.Module, device_map: dict[str, str]) -> dict[str, int]:
+def module_bytes(model: torch.nn.Module, device_map: dict[str, str]) -> dict[str, int]:
+    """Bytes of the parameters and buffers each device holds under `device_map`."""
     sizes: dict[str, int] = {}
     tensors = dict(model.named_parameters()) | dict(model.named_buffers())
     for name, tensor in tensors.items():
@@ -147,18 +149,66 @@ def _auto_map(model: torch.nn.Module, strategy: str, max_memory: dict[Any, int] 
     return {k: f"cuda:{v}" if isinstance(v, int) else str(v) for k, v in raw.items()}
 
 
+def fill_max_memory(max_memory: dict[Any, int] | None) -> dict[Any, int] | None:
+    """A --max-memory cap for the devices it names, and what accelerate finds free on every other device (so
+    'cuda:0=4GiB' caps the GPU and leaves the rest to the CPU, then the disk); None stays None."""
+    if max_memory is None:
+        return None
+    from accelerate.utils import get_max_memory
+
+    return {**get_max_memory(), **max_memory}
+
+
+def device_map_for(model: torch.nn.Module, spec: DeviceMapSpec, default: torch.device,
+                   max_memory: dict[Any, int] | None = None) -> dict[str, str]:
+    """Module -> device for `model` (a meta model sized as it will load is enough): an accelerate strategy
+    under the memory caps, or the explicit rules with `default` for the modules they do not name."""
+    if spec.strategy:
+        return _auto_map(model, spec.strategy, fill_max_memory(max_memory))
+    return explicit_map(model, spec, str(default))
+
+
+def main_device(device_map: dict[str, str]) -> torch.device:
+    """Where a dispatched model computes: its first GPU, else the CPU."""
+    gpus = sorted(d for d in set(device_map.values()) if d.startswith("cuda"))
+    return torch.device(gpus[0]) if gpus else torch.device("cpu")
+
+
+def offloaded(device_map: dict[str, str]) -> list[str]:
+    """Modules whose weights live away from where they compute (disk; the CPU when a GPU computes)."""
+    gpu = main_device(device_map).type == "cuda"
+    return [m for m, d in device_map.items() if d == "disk" or (gpu and d == "cpu")]
+
+
+def offload_dir(root: str | None) -> str:
+    """A new folder for one run's offloaded weights, inside `root` (default: the system's temporary folder)."""
+    return tempfile.mkdtemp(prefix="workbench-offload-", dir=root or None)
+
+
+def check_offload_folder(root: str | None) -> None:
+    """Refuse, before anything loads, an offload folder that cannot be created or written (ConfigError)."""
+    where = root or tempfile.gettempdir()
+    try:
+        os.makedirs(where, exist_ok=True)
+        os.rmdir(offload_dir(where))
+    except OSError as e:
+        raise ConfigError(f"offload_folder {where!r} is not writable ({e.strerror or e}); offloaded layers are "
+                          "written there: choose a writable folder") from None
+
+
 def place(model: torch.nn.Module, spec: DeviceMapSpec, default: torch.device,
-          max_memory: dict[Any, int] | None = None) -> tuple[torch.nn.Module, Placement]:
-    """Dispatch the model over devices (CPU, GPUs, disk) with accelerate's hooks; return it and its placement."""
+          max_memory: dict[Any, int] | None = None, offload_root: str | None = None) -> tuple[torch.nn.Module, Placement]:
+    """Dispatch a loaded model over devices (CPU, GPUs, disk) with accelerate's hooks; return it and its placement.
+
+    For a model changed whole after loading (pruning); otherwise `from_pretrained` places it while loading.
+    """
     from accelerate import dispatch_model
 
-    device_map = _auto_map(model, spec.strategy, max_memory) if spec.strategy else explicit_map(model, spec, str(default))
-    sizes = _module_bytes(model, device_map)
+    device_map = device_map_for(model, spec, default, max_memory)
+    sizes = module_bytes(model, device_map)
     devices = set(device_map.values())
-    offload_dir = tempfile.mkdtemp(prefix="workbench-offload-") if "disk" in devices else None
-    gpus = sorted(d for d in devices if d.startswith("cuda"))
-    main = torch.device(gpus[0]) if gpus else torch.device("cpu")
+    folder = offload_dir(offload_root) if "disk" in devices else None
     accel_map = {k: (int(v.split(":")[1]) if v.startswith("cuda:") else v) for k, v in device_map.items()}
-    model = dispatch_model(model, device_map=accel_map, main_device=main, offload_dir=offload_dir)
+    model = dispatch_model(model, device_map=accel_map, main_device=main_device(device_map), offload_dir=folder)
     logger.info("placed the model: %s", {d: sum(1 for v in device_map.values() if v == d) for d in devices})
-    return model, Placement(device_map, sizes, offload_dir)
+    return model, Placement(device_map, sizes, folder)

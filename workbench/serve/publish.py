@@ -145,7 +145,7 @@ def check_run(policy: PublishPolicy, config: RunConfig) -> None:
     _cap(config.warmup, policy.max_repeats, "warmup")
     _cap(config.min_duration_s, policy.max_duration_s, "min_duration_s")
     _cap(max(config.tensor_parallel, config.data_parallel), policy.max_processes, "parallel processes")
-    if config.device_map and "disk" in config.device_map:
+    if (config.device_map and "disk" in config.device_map) or config.offload_folder is not None:
         raise ConfigError("this server does not allow offloading layers to disk")
 
 

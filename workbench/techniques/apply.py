@@ -19,11 +19,15 @@ def record(config: TechniqueConfig, notes: list[str]) -> TechniqueRecord:
     return TechniqueRecord(config.name, config.kind, config.params(), config.simulated, text)
 
 
-def apply_techniques(loaded: Any, run_config: RunConfig, on_event: OnEvent) -> tuple[TechniqueRecord, ...]:
-    """Apply the run's (parsed) techniques in order to `loaded.model` (replaced when a handler returns a new one)."""
+def apply_techniques(loaded: Any, run_config: RunConfig, on_event: OnEvent,
+                     start: int = 0) -> tuple[TechniqueRecord, ...]:
+    """Apply the run's (parsed) techniques in order to `loaded.model` (replaced when a handler returns a new one);
+    those before `start` were applied by `from_pretrained` while loading and are not recorded here."""
     records = []
     configs = run_config.techniques
     for i, cfg in enumerate(configs):
+        if i < start:
+            continue
         def progress(message: str, fraction: float | None, _i: int = i, _cfg: TechniqueConfig = cfg) -> None:
             overall = (_i + (fraction or 0.0)) / len(configs)
             on_event(StageEvent("apply", "progress", f"{_cfg.name}: {message}", overall))

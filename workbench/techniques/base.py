@@ -66,6 +66,9 @@ class TechniqueConfig:
     needs_float_weights: ClassVar[bool] = False  # reads or edits float weights (pruning, fake quant)
     engines: ClassVar[tuple[str, ...]] = ("hf",)  # the engines that can apply it (`workbench techniques --engine`)
     expect: ClassVar[Expectation | None] = None  # each technique declares its own (numbers measured on `tiny`)
+    # Read by the hf engine's compile plan (workbench.engines.hf_compile), never by name:
+    breaks_cuda_graphs: ClassVar[str | None] = None  # why its kernels cannot be captured in a CUDA graph (None: can)
+    breaks_compile: ClassVar[str | None] = None  # why torch.compile cannot run its layers at all (None: it can)
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -109,6 +112,27 @@ class TechniqueConfig:
     def notes(self) -> str:
         """What a user should know about the numbers this technique produces."""
         return ""
+
+    def speed_warning(self, device_type: str, batch: int, compiled: bool) -> str | None:
+        """Why this technique is known to decode slower than the unquantized model on `device_type` at `batch`
+        sequences (compiled: the decode step is compiled), with what to do instead; None when it is not."""
+        return None
+
+    def load_time_config(self, dtype: str, skip: tuple[str, ...] = (), offload: bool = False) -> Any | None:
+        """A transformers quantization config with which `from_pretrained` quantizes this technique's layers as
+        it reads them, leaving the modules named in `skip` (and, with `offload`, those a device map puts on the
+        CPU or disk) in `dtype`; None: the technique is applied after loading (the default)."""
+        return None
+
+    def after_load_time(self, model: torch.nn.Module, dtype: str) -> list[str]:
+        """Finish, on a model `from_pretrained` quantized with `load_time_config`, what the handler would also
+        have set (kernel flags), and return notes for the result."""
+        return []
+
+    def packed_bytes(self, out_features: int, in_features: int) -> int | None:
+        """Bytes one (out, in) block Linear weight takes once this technique is applied (codes and scales);
+        None: the technique keeps float weights."""
+        return None
 
     def model_problem(self, model: torch.nn.Module) -> str | None:
         """Why this technique cannot act on `model` (None: it can).

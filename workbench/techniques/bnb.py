@@ -4,8 +4,9 @@ LLM.int8() (Dettmers et al. 2022): int8 weights with one absmax scale per output
 columns holding an activation above `threshold` are multiplied in fp16, the rest in int8.
 NF4 / FP4 (QLoRA, Dettmers et al. 2023): 4-bit codes, one absmax per block of 64 weights; with
 double quantization the absmaxes are themselves quantized to 8 bits in blocks of 256.
-The layers are converted after loading (transformers' BitsAndBytesConfig only works inside
-from_pretrained), so a pruned model can be quantized as well.
+As the first technique of a run the layers are quantized while `from_pretrained` reads them
+(`load_time_config`: a BitsAndBytesConfig), so a model whose float weights do not fit still loads; after
+other techniques (pruning) the loaded layers are converted in place.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
+from typing import Any, ClassVar
 
 import torch
 
@@ -25,6 +27,7 @@ from workbench.techniques.base import ApplyContext, Expectation, TechniqueConfig
 
 logger = logging.getLogger(__name__)
 COMPUTE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+BLOCKSIZE = 64  # bitsandbytes' 4-bit absmax block (its default, which the workbench keeps)
 CPU_PACK_BLOCK = 32  # bnb's avx512-bf16 CPU kernel packs rows in blocks of 32 (asserts out_features % 32 == 0)
 
 
@@ -82,6 +85,10 @@ class BnbInt8Config(TechniqueConfig):
     packs_weights = True
     summary = "bitsandbytes LLM.int8(): int8 weights, fp16 for outlier activation columns"
     expect = Expectation(max_kl=0.0025, min_kl=0.0003)  # measured on tiny: KL 0.00102, perplexity 56.26 vs 56.11
+    # bitsandbytes 0.50 int8_vectorwise_quant: `outliers.any()` on the host, then argwhere (a data-dependent size)
+    breaks_cuda_graphs = ("checks every layer's input for outlier columns on the host (a GPU-to-CPU sync) and "
+                          "multiplies a data-dependent number of them, which a CUDA graph cannot capture")
+    SLOW_UP_TO_BATCH: ClassVar[int] = 16  # measured at batch 1; the per-call costs shrink as the batch grows
 
     threshold: float = option(6.0, "Outlier threshold: input columns with any |activation| above it are "
                               "multiplied in fp16 instead of int8 (0 disables the decomposition).",
@@ -91,6 +98,26 @@ class BnbInt8Config(TechniqueConfig):
     def unavailable(cls, device: torch.device) -> str | None:
         """Needs bitsandbytes, on cpu or cuda."""
         return _unavailable(device)
+
+    def speed_warning(self, device_type: str, batch: int, compiled: bool) -> str | None:
+        """At small batches on CUDA LLM.int8()'s per-call work costs more than the int8 matmul saves."""
+        if device_type == "cuda" and batch <= self.SLOW_UP_TO_BATCH:
+            return (f"bnb-int8 decodes slower than the unquantized model at batch {batch} on CUDA (34 vs 142 tokens/s "
+                    "on tiny, H200): every Linear casts its input to fp16, quantizes it and checks it for outlier "
+                    "columns (a GPU-to-CPU sync) before its int8 matmul, where the unquantized layer runs one matmul. "
+                    "It saves memory, not time; for speed use torchao-int8-weight with compile")
+        return None
+
+    def load_time_config(self, dtype: str, skip: tuple[str, ...] = (), offload: bool = False) -> Any:
+        """The same LLM.int8() layers, built by `from_pretrained` as it reads the weights."""
+        from transformers import BitsAndBytesConfig
+
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=self.threshold, llm_int8_has_fp16_weight=False,
+                                  llm_int8_skip_modules=list(skip), llm_int8_enable_fp32_cpu_offload=offload)
+
+    def packed_bytes(self, out_features: int, in_features: int) -> int:
+        """int8 codes, a float32 scale per output row (SCB) and a format byte."""
+        return out_features * in_features + 4 * out_features + 1
 
     def notes(self) -> str:
         """What the numbers mean."""
@@ -141,6 +168,39 @@ class _Bnb4bitConfig(TechniqueConfig):
         """Needs bitsandbytes, on cpu or cuda."""
         return _unavailable(device)
 
+    def speed_warning(self, device_type: str, batch: int, compiled: bool) -> str | None:
+        """An uncompiled small-batch CUDA step is launch-bound, and every 4-bit Linear adds Python work to it."""
+        if device_type == "cuda" and batch <= BnbInt8Config.SLOW_UP_TO_BATCH and not compiled:
+            return (f"{self.name} decodes slower than the unquantized model at batch {batch} on CUDA uncompiled "
+                    "(bnb-nf4: 35 vs 74 tokens/s on Llama-3.2-1B, H200): the step is launch-bound, and every Linear adds "
+                    "bitsandbytes' Python dispatch to its 4-bit kernel. It saves memory, not time; for speed use "
+                    "torchao-int4-weight with compile")
+        return None
+
+    def load_time_config(self, dtype: str, skip: tuple[str, ...] = (), offload: bool = False) -> Any:
+        """The same 4-bit layers, built by `from_pretrained` as it reads the weights."""
+        from transformers import BitsAndBytesConfig
+
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=self.quant_type,
+                                  bnb_4bit_use_double_quant=self.double_quant,
+                                  bnb_4bit_compute_dtype=COMPUTE_DTYPES[self.compute_dtype],
+                                  llm_int8_skip_modules=list(skip), llm_int8_enable_fp32_cpu_offload=offload)
+
+    def after_load_time(self, model: torch.nn.Module, dtype: str) -> list[str]:
+        """The fused CPU kernel only where it fits, as the handler decides (from_pretrained does not check)."""
+        layers = [m for m in model.modules() if hasattr(m, "support_avx512bf16_for_cpu")]
+        for layer in layers:
+            layer.support_avx512bf16_for_cpu = layer.support_avx512bf16_for_cpu and _cpu_kernel_fits(self, layer, layer)
+        return _fused_note(model, len(layers)) if self.compute_dtype == "bf16" and _on_cpu(model) else []
+
+    def packed_bytes(self, out_features: int, in_features: int) -> int:
+        """Two codes per byte, an absmax per block of 64 (8-bit and a float32 per 256 blocks when double-quantized)
+        and the quantization state (code tables, about 1.3 kB per layer when double-quantized)."""
+        n = out_features * in_features
+        blocks = -(-n // BLOCKSIZE)
+        scales = blocks + 4 * -(-blocks // 256) + 1280 if self.double_quant else 4 * blocks + 160
+        return -(-n // 2) + scales
+
     def notes(self) -> str:
         """What the numbers mean."""
         return (f"bitsandbytes {self.quant_type.upper()}: 4-bit codes in blocks of 64 with an absmax each "
@@ -183,11 +243,21 @@ def _apply_4bit(config: _Bnb4bitConfig, ctx: ApplyContext) -> None:
     ctx.notes.append(f"{n} Linear layers converted to {config.quant_type} (output projection and embeddings "
                      f"kept in {ctx.dtype})")
     if ctx.device.type == "cpu" and config.compute_dtype == "bf16":
-        fused = sum(bool(getattr(m, "support_avx512bf16_for_cpu", False)) for m in ctx.model.modules())
-        ctx.notes.append(f"{fused} of {n} layers use bitsandbytes' fused AVX512-BF16 CPU kernel; the others "
-                         "dequantize to bf16 and call a plain matmul" if fused else
-                         "no layer fits bitsandbytes' fused AVX512-BF16 CPU kernel (it needs that CPU feature, "
-                         "out_features divisible by 32 and in_features by 64): each call dequantizes to bf16")
+        ctx.notes.extend(_fused_note(ctx.model, n))
+
+
+def _on_cpu(model: torch.nn.Module) -> bool:
+    """Whether the model's 4-bit layers run on the CPU."""
+    return any(p.device.type == "cpu" for p in model.parameters())
+
+
+def _fused_note(model: torch.nn.Module, n: int) -> list[str]:
+    """How many of the `n` 4-bit layers use bitsandbytes' fused AVX512-BF16 CPU kernel."""
+    fused = sum(bool(getattr(m, "support_avx512bf16_for_cpu", False)) for m in model.modules())
+    return [f"{fused} of {n} layers use bitsandbytes' fused AVX512-BF16 CPU kernel; the others dequantize to bf16 "
+            "and call a plain matmul" if fused else
+            "no layer fits bitsandbytes' fused AVX512-BF16 CPU kernel (it needs that CPU feature, out_features "
+            "divisible by 32 and in_features by 64): each call dequantizes to bf16"]
 
 
 @register

@@ -67,3 +67,11 @@ def check_combination(configs: Iterable[TechniqueConfig], device: torch.device) 
         reason = type(cfg).unavailable(device)
         if reason:
             raise ConfigError(f"{cfg.name} cannot run on {device}: {reason}")
+
+
+def speed_warnings(configs: Iterable[TechniqueConfig], device_type: str, batch: int,
+                   compiled: bool) -> tuple[str, ...]:
+    """Each technique's known slowness on `device_type` at `batch` sequences per step (`compiled`: the decode step
+    is compiled), one warning each: the cause and what to use instead."""
+    found = (cfg.speed_warning(device_type, batch, compiled) for cfg in configs)
+    return tuple(warning for warning in found if warning)

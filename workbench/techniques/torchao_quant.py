@@ -13,7 +13,7 @@ import logging
 import warnings
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -54,15 +54,34 @@ class _TorchaoConfig(TechniqueConfig):
     kind = "quant"
     simulated = False
     packs_weights = True
+    eager_cost: ClassVar[str] = ""  # why its uncompiled CUDA decode step is slower than the unquantized model's
 
     @classmethod
     def unavailable(cls, device: torch.device) -> str | None:
         """Needs torchao, on cpu or cuda."""
         return _unavailable(device)
 
+    def speed_warning(self, device_type: str, batch: int, compiled: bool) -> str | None:
+        """On CUDA torchao pays off in a compiled decode step only (gpt-fast's recipe)."""
+        if device_type == "cuda" and not compiled:
+            return (f"{self.name} without compile decodes slower than the unquantized model on CUDA: "
+                    f"{self.eager_cost}; turn compile on (static KV cache)")
+        return None
+
     def ao_config(self) -> Any:
         """The torchao workflow config for `quantize_`."""
         raise NotImplementedError
+
+    def load_time_config(self, dtype: str, skip: tuple[str, ...] = (), offload: bool = False) -> Any:
+        """The same `ao_config`, applied by `from_pretrained` to each Linear as it reads its weight."""
+        from transformers import TorchAoConfig
+
+        _torchao()  # its import-time chatter kept quiet
+        return TorchAoConfig(self.ao_config(), modules_to_not_convert=list(skip))
+
+    def packed_bytes(self, out_features: int, in_features: int) -> int:
+        """int8 codes plus a float32 scale and an int8 zero point per output row."""
+        return out_features * in_features + 5 * out_features
 
 
 @register
@@ -73,6 +92,7 @@ class TorchaoInt8WeightConfig(_TorchaoConfig):
     name = "torchao-int8-weight"
     summary = "torchao int8 weight-only: int8 weights with per-row scales, float activations"
     expect = Expectation(max_kl=0.0008, min_kl=0.0001)  # tiny: KL 0.000307, perplexity 56.17 vs 56.11
+    eager_cost = "every call converts each int8 weight matrix to the activation dtype before a float matmul"
 
     def ao_config(self) -> Any:
         """Int8WeightOnlyConfig, per-row (torchao's default granularity)."""
@@ -93,6 +113,17 @@ class TorchaoInt8DynamicConfig(_TorchaoConfig):
     name = "torchao-int8-dynamic"
     summary = "torchao int8 dynamic: int8 weights and per-token int8 activations, int8 matmul"
     expect = Expectation(max_kl=0.0055, min_kl=0.0007)  # tiny: KL 0.00222, perplexity 56.19 vs 56.11
+    eager_cost = "every call quantizes the activations in separate kernels before the int8 matmul"
+    INT_MM_MIN_ROWS: ClassVar[int] = 17  # torch._int_mm on CUDA: "self.size(0) needs to be greater than 16"
+
+    def speed_warning(self, device_type: str, batch: int, compiled: bool) -> str | None:
+        """At batch <= 16 on CUDA torchao's int8 matmul falls back to float32 (torchao.kernel.intmm.safe_int_mm)."""
+        if device_type == "cuda" and batch < self.INT_MM_MIN_ROWS:
+            return (f"torchao-int8-dynamic is slow at batch {batch} on CUDA (4.7 vs 142 tokens/s for bf16 on tiny, "
+                    "uncompiled, H200): PyTorch's int8 matmul needs more than 16 rows, and with fewer torchao falls "
+                    "back to a float32 matmul over a float32 copy of every weight, made on every call. At small "
+                    "batches use torchao-int8-weight with compile; int8 dynamic pays off above batch 16")
+        return super().speed_warning(device_type, batch, compiled)
 
     def ao_config(self) -> Any:
         """Int8DynamicActivationInt8WeightConfig, per-row weights and per-token activations."""
@@ -116,6 +147,9 @@ class TorchaoInt4WeightConfig(_TorchaoConfig):
     # Not measured (CUDA only). Estimated from its CPU analogue, sim:bits=4,symmetric=false,granularity=per-group
     # on a bf16 copy of tiny: KL 0.0597, perplexity 57.25 vs 56.11.
     expect = Expectation(max_kl=0.15, min_kl=0.02)
+    eager_cost = ("each Linear goes through torchao's Python dispatch and pads and casts its input around the "
+                  "tinygemm kernel, CPU work added to a step that is already launch-bound (39.9 vs 73.9 tokens/s "
+                  "for bf16 on Llama-3.2-1B, H200)")
 
     group_size: int = option(128, "Inputs per quantization group (smaller: more accurate, more scales).",
                              choices=INT4_GROUP_SIZES)
@@ -135,6 +169,12 @@ class TorchaoInt4WeightConfig(_TorchaoConfig):
             return (f"torchao int4 weight-only (tinygemm) needs bf16 weights on a CUDA GPU; use --dtype bf16 "
                     f"(got {dtype})")
         return None
+
+    def packed_bytes(self, out_features: int, in_features: int) -> int:
+        """tinygemm pads in_features to a multiple of 1024 and out_features to 8: half a byte per padded weight
+        plus a bf16 scale and zero point per group of each row."""
+        rows, cols = -(-out_features // 8) * 8, -(-in_features // 1024) * 1024
+        return rows * cols // 2 + (cols // self.group_size) * rows * 4
 
     def ao_config(self) -> Any:
         """Int4WeightOnlyConfig in tinygemm's tile-packed format (built into PyTorch's CUDA build)."""

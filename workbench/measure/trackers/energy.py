@@ -71,12 +71,17 @@ def nvml_counter(index: int) -> tuple[Callable[[], float] | None, str]:
     """A reader of the GPU's total energy in joules (NVML), or why not."""
     try:
         import pynvml
-
+    except ImportError:
+        return None, (f"pynvml is not installed, so cuda:{index}'s energy counter cannot be read "
+                      "(pip install nvidia-ml-py)")
+    try:
         pynvml.nvmlInit()
         handle = pynvml.nvmlDeviceGetHandleByIndex(index)
         pynvml.nvmlDeviceGetTotalEnergyConsumption(handle)
-    except Exception as e:  # noqa: BLE001 - no NVML, no driver, a GPU older than Volta: all say "not here"
-        return None, f"NVML has no energy counter for cuda:{index} ({type(e).__name__}: {e})"
+    except Exception as e:  # noqa: BLE001 - no driver, a GPU older than Volta: all say "not here"
+        why = " ".join(str(e).split()) or "no reason given"
+        return None, (f"NVML has no energy counter for cuda:{index} ({type(e).__name__}: {why}; "
+                      "GPUs older than Volta have none)")
     return (lambda: pynvml.nvmlDeviceGetTotalEnergyConsumption(handle) / 1e3,
             f"NVML total energy counter of cuda:{index} (the GPU board only, not the host)")
 
