@@ -17,11 +17,16 @@ def quiet_libraries() -> None:
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # The roofline's profiled decode call (measure/busy.py) would print kineto's "USDT ... profiler_start/stop"
+    # lines on stderr at every run; kineto reads this when the profiler first starts. Level 6 also hides kineto's
+    # own errors: a profile that recorded nothing is reported by the busy measurement itself, as a warning.
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")
     for name in _NOISY:
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", message=".*TypedStorage is deprecated.*")
+    warnings.filterwarnings("ignore", message=".*_stable_hash_for_caching.*")  # torchao tensors under torch.compile
     try:
         from transformers.utils import logging as hf_logging
 
