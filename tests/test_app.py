@@ -408,7 +408,7 @@ def test_execution_panel_shows_where_layers_live_and_how_busy_ranks_were(app):
     text = w.execution.value
     assert "Execution: split" in text and "87%" in text and "model.layers.1-2" in text and "3.0 MiB" in text
     assert set(w.settings["Parallelism"].form.inputs) == {"device_map", "max_memory", "tensor_parallel",
-                                                          "data_parallel"}
+                                                          "data_parallel", "pipeline_parallel", "micro_batches"}
     w.set_values(device_map="model.layers.0-2=disk")
     assert w.config().device_map == "model.layers.0-2=disk"
     w.set_values(compile=True)
@@ -466,7 +466,7 @@ class ScriptedDistiller:
         return SimpleNamespace(status="stopped" if done < self.steps else "ok", steps_done=done, wall_s=1.0,
                                best_step=done, model=f"student:{config.name}", teacher_perplexity=20.0,
                                start_perplexity=55.0, final_perplexity=30.0, teacher_params=6_000_000,
-                               student_params=3_000_000, recovered=0.6)
+                               student_params=3_000_000, recovered=0.6, parallel=None)
 
 
 def test_distillation_panel_draws_live_losses_and_offers_the_student(app):

@@ -14,6 +14,7 @@ import workbench.measure.busy as busy_mod
 import workbench.measure.flops as fl
 import workbench.measure.roofline as rl
 from workbench.config import RunConfig
+from workbench.engines.hf_compile import WITHOUT_CUDA_GRAPHS, plan_compile
 from workbench.measure import probes, tracker
 from workbench.measure.busy import Busy, Span
 from workbench.result import RooflineStats, RunResult
@@ -234,11 +235,19 @@ def test_without_kineto_results_the_profilers_function_events_are_read():
 class FakeEngine:
     """Generates `tokens` by calling the clock like `generate` does; `work` runs torch ops per token."""
 
-    def __init__(self, tokens: int = 4, refusal: str | None = None, fail: Exception | None = None) -> None:
+    def __init__(self, tokens: int = 4, refusal: str | None = None, fail: Exception | None = None,
+                 mode: str | None = None, graphs: bool = False) -> None:
         self.tokens, self.refusal, self.fail, self.calls = tokens, refusal, fail, 0
+        self.mode, self.graphs = mode, graphs
 
     def profile_refusal(self) -> str | None:
         return self.refusal
+
+    def compiled_mode(self) -> str | None:
+        return self.mode
+
+    def uses_cuda_graphs(self) -> bool:
+        return self.graphs
 
     def generate(self, clock, *, want_cache: bool, interruptible: bool):
         self.calls += 1
@@ -276,7 +285,8 @@ def test_an_engine_the_profiler_cannot_see_or_a_failing_profiler_leaves_the_shar
 
 
 def _tracker_run(engine, warnings, **config):
-    settings = {**dict(max_new_tokens=4, dtype="fp32", compile=False, tensor_parallel=1, data_parallel=1), **config}
+    settings = {**dict(max_new_tokens=4, dtype="fp32", compile=False, tensor_parallel=1, data_parallel=1,
+                       pipeline_parallel=1), **config}
     latency = SimpleNamespace(decode_tokens_per_s=150.0, tpot_ms=SimpleNamespace(p50=5.0))
     engine.bytes_per_step = lambda prompt, new, kv: 100_000_000
     engine.flops_per_step = lambda prompt, new, batch: 2e8
@@ -311,7 +321,9 @@ def test_the_gpu_advice_follows_the_compile_mode(monkeypatch, compile_mode, advi
     monkeypatch.setattr("workbench.measure.trackers.roofline.probe_bandwidth", lambda device: _bandwidth())
     monkeypatch.setattr("workbench.measure.trackers.roofline.probe_flops", lambda device, dtype: _peak(40e9))
     monkeypatch.setattr("workbench.measure.trackers.roofline.profile_decode", lambda *a: _busy(0.2, "GPU"))
-    gpu_run = _tracker_run(FakeEngine(), [], compile=True, compile_mode=compile_mode)
+    mode = plan_compile(True, compile_mode, "cuda", ()).mode  # the engine's decision, as HFEngine takes it
+    gpu_run = _tracker_run(FakeEngine(mode=mode, graphs=mode in WITHOUT_CUDA_GRAPHS), [], compile=True,
+                           compile_mode=compile_mode)
     gpu_run.device = torch.device("cuda")  # nothing runs on it: the probes and the profiler are scripted
     roof = RooflineTracker(gpu_run).finish()
     assert roof.bound == "launch" and roof.explanation.startswith("The GPU was busy 20 % of each decode step: "
@@ -322,8 +334,9 @@ def test_distributed_or_stopped_runs_are_not_profiled(monkeypatch):
     monkeypatch.setattr("workbench.measure.trackers.roofline.probe_bandwidth", lambda device: _bandwidth())
     monkeypatch.setattr("workbench.measure.trackers.roofline.probe_flops", lambda device, dtype: _peak(40e9))
     engine, warnings = FakeEngine(), []
-    roof = RooflineTracker(_tracker_run(engine, warnings, tensor_parallel=2)).finish()
-    assert engine.calls == 0 and "a distributed run is not profiled" in roof.explanation and not warnings
+    for ranks in ({"tensor_parallel": 2}, {"pipeline_parallel": 2}):
+        roof = RooflineTracker(_tracker_run(engine, warnings, **ranks)).finish()
+        assert engine.calls == 0 and "a distributed run is not profiled" in roof.explanation and not warnings
     stopped = _tracker_run(engine, warnings)
     stopped.stopped = True
     assert "the run was stopped" in RooflineTracker(stopped).finish().explanation and engine.calls == 0

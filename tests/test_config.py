@@ -58,8 +58,10 @@ def test_replace_revalidates():
 
 # ---------------------------------------------------------------- techniques: held parsed, written as specs
 
-SIM8 = ("sim:bits=8,symmetric=true,granularity=per-channel,group_size=128,activations=none,activation_bits=8,"
-        "calibration_tokens=2048,include_lm_head=false")
+SIM8 = ("sim:bits=8,symmetric=true,granularity=per-channel,group_size=128,activations=none,act_granularity=tensor,"
+        "activation_bits=8,calibration_tokens=2048,include_lm_head=false")
+OLD_SIM8 = ("sim:bits=8,symmetric=true,granularity=per-channel,group_size=128,activations=none,activation_bits=8,"
+            "calibration_tokens=2048,include_lm_head=false")  # before sim had act_granularity
 # `RunConfig(techniques=("magnitude:sparsity=0.5", "sim:bits=8"), device="cpu").to_json()` as the code before
 # parsed techniques wrote it into the store's config_json (no `engine` field yet).
 OLD_CONFIG_JSON = (
@@ -68,7 +70,8 @@ OLD_CONFIG_JSON = (
     '"min_duration_s": 2.0, "max_repeats": 200, "threads": null, "interop_threads": null, "attn_implementation": '
     '"sdpa", "kv_cache": "dynamic", "compile": false, "device_map": null, "max_memory": null, "tensor_parallel": 1, '
     '"data_parallel": 1, "eval_tokens": 2048, "eval_context": 256, "techniques": ["magnitude:sparsity=0.5,scope=layer", '
-    f'"{SIM8}"], "token_events": true, "seed": 0}}')
+    f'"{OLD_SIM8}"], '
+    '"token_events": true, "seed": 0}')
 
 
 def test_techniques_are_parsed_configs_equal_from_specs_or_objects():
@@ -97,6 +100,7 @@ def test_a_config_stored_by_the_old_code_still_loads():
     assert [t.name for t in cfg.techniques] == ["magnitude", "sim"] and cfg.techniques[0].sparsity == 0.5
     assert cfg == RunConfig(techniques=("magnitude:sparsity=0.5", "sim:bits=8"), device="cpu")
     old = json.loads(OLD_CONFIG_JSON)
+    old["techniques"][1] = SIM8  # the one parameter added since (act_granularity) is spelled out with its default
     assert {k: v for k, v in cfg.to_dict().items() if k in old} == old  # written back the same way
 
 
@@ -109,15 +113,17 @@ def test_a_result_stored_by_the_old_code_still_loads_with_parsed_techniques():
     result = RunResult.from_dict(json.loads(text))  # as the store reads result_json
     assert [t.name for t in result.config.techniques] == ["magnitude", "sim"]
     assert result.config.technique_specs == ("magnitude:sparsity=0.5,scope=layer", SIM8)
-    assert result.to_dict()["config"]["techniques"] == json.loads(text)["config"]["techniques"]
+    stored = json.loads(text)["config"]["techniques"]
+    assert stored[1] == OLD_SIM8  # written back with the parameter added since (act_granularity) spelled out
+    assert result.to_dict()["config"]["techniques"] == [stored[0], SIM8]
     assert RunResult.from_dict(json.loads(result.to_json())) == result
 
 
 @pytest.mark.parametrize("techniques, message", [
     (("sim:bits=99",), "sim: bits must be in 2..8; got 99"),
     (("sim", "dynamic-int8"), "sim then dynamic-int8: two quantizations in one run; choose one"),
-    (("sim:colour=1",), "sim: unknown parameter 'colour'; parameters: activation_bits, activations, bits, "
-                        "calibration_tokens, granularity, group_size, include_lm_head, symmetric"),
+    (("sim:colour=1",), "sim: unknown parameter 'colour'; parameters: act_granularity, activation_bits, activations, "
+                        "bits, calibration_tokens, granularity, group_size, include_lm_head, symmetric"),
     ((7,), "a technique is a spec such as 'sim:bits=4' (NAME or NAME:key=value,...); got 7"),
 ])
 def test_a_bad_technique_fails_on_construction_with_the_same_sentence(techniques, message):

@@ -66,7 +66,7 @@ def test_worker_refuses_a_world_that_does_not_match_the_config():
 
     with pytest.raises(errors.ConfigError, match="3 ranks were started but the run asks for data_parallel 2"):
         _check_world(_Ctx(RunConfig(model="tiny", data_parallel=2, batch_size=2), 0, 3, 0, 3))
-    with pytest.raises(errors.ConfigError, match="give --tensor-parallel 2 or --data-parallel 2"):
+    with pytest.raises(errors.ConfigError, match="give --tensor-parallel 2, --data-parallel 2 or --pipeline-parallel 2"):
         _check_world(_Ctx(RunConfig(model="tiny"), 0, 2, 0, 2))
 
 

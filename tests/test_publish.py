@@ -105,7 +105,8 @@ def test_distillation_and_sensitivity_checks(policy, tmp_path):
     for changes, fragment in (({"text": "/etc/hostname"}, "training text '/etc/hostname' is outside"),
                               ({"teacher": "gpt2"}, "teacher 'gpt2' is not offered"),
                               ({"student": "model:gpt2"}, "student starting model 'gpt2' is not offered"),
-                              ({"steps": 501}, "steps 501 is above"), ({"batch_size": 9}, "batch_size 9 is above")):
+                              ({"steps": 501}, "steps 501 is above"), ({"batch_size": 9}, "batch_size 9 is above"),
+                              ({"data_parallel": 4}, "parallel processes 4 is above this server's limit of 2")):
         with pytest.raises(ConfigError, match=fragment):
             check_distill(policy, DistillConfig(**changes))
     check_sensitivity(policy, "tiny", 512)

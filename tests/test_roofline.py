@@ -224,12 +224,13 @@ def test_the_report_row_says_when_the_bound_is_uncertain():
 def test_the_tracker_warns_and_marks_the_section_when_the_probe_was_busy(monkeypatch):
     warnings: list[tuple[str, str]] = []
     engine = SimpleNamespace(bytes_per_step=lambda prompt, new, kv: 100_000_000,
-                             flops_per_step=lambda prompt, new, batch: 2e8, profile_refusal=lambda: "not profiled")
+                             flops_per_step=lambda prompt, new, batch: 2e8, profile_refusal=lambda: "not profiled",
+                             compiled_mode=lambda: None, uses_cuda_graphs=lambda: False)
     run = SimpleNamespace(model_info=object(), sections={"latency": SimpleNamespace(decode_tokens_per_s=150.0,
                                                                                     tpot_ms=None)},
                           device=CPU, engine=engine, prompt_ids=[[1, 2, 3]],
                           config=SimpleNamespace(max_new_tokens=8, dtype="fp32", compile=False, tensor_parallel=1,
-                                                 data_parallel=1),
+                                                 data_parallel=1, pipeline_parallel=1),
                           calls=SimpleNamespace(kv_bytes=0), warn=lambda message, section: warnings.append(
                               (message, section)))
     monkeypatch.setattr("workbench.measure.trackers.roofline.probe_flops",

@@ -95,5 +95,48 @@ def test_8_bits_stay_close_and_2_3_bits_degrade(fast):
 
 
 def test_dynamic_activations_at_8_bits_stay_close(fast):
-    acc = run_acc(fast, "sim:bits=8,activations=dynamic")
+    acc = run_acc(fast, "sim:bits=8,activations=dynamic,act_granularity=token")
     assert acc.kl_vs_baseline < 5e-3
+
+
+def test_static_per_token_activations_are_refused_in_one_sentence():
+    from workbench.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="a range per token does not exist"):
+        parse_spec("sim:activations=static,act_granularity=token")
+    assert parse_spec("sim:activations=dynamic,act_granularity=token").act_granularity == "token"
+    assert parse_spec("sim:activations=static").act_granularity == "tensor"  # the default serves static and dynamic
+
+
+def hooked_inputs(tiny, spec, x):
+    """What the first q_proj sees after `spec`'s activation hook, for an input `x` (B, T, in)."""
+    m, _ = apply(tiny, spec)
+    layer = m.model.layers[0].self_attn.q_proj
+    (hook,) = layer._forward_pre_hooks.values()
+    return hook(layer, (x,))[0], hook
+
+
+def test_dynamic_per_tensor_and_per_token_ranges_follow_the_input(tiny):
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 256)
+    x[0, 2] *= 20  # one token with a far wider range than the others
+    tensor, _ = hooked_inputs(tiny, "sim:activations=dynamic,activation_bits=4", x)
+    token, _ = hooked_inputs(tiny, "sim:activations=dynamic,act_granularity=token,activation_bits=4", x)
+    scale, zero = qparams(x.amin(), x.amax(), 4, True)  # one range over the whole call
+    assert torch.allclose(tensor, fake_quant(x, scale, zero, 4, True))
+    for t in range(3):  # each token on its own grid
+        row = x[0, t]
+        assert torch.allclose(token[0, t], fake_quant(row, *qparams(row.min(), row.max(), 4, True), 4, True))
+    # the narrow tokens lose far more under the wide token's range: the granularity effect, same bits, both dynamic
+    assert sqnr_db(x[0, :2], tensor[0, :2]) + 10 < sqnr_db(x[0, :2], token[0, :2])
+    doubled, _ = hooked_inputs(tiny, "sim:activations=dynamic,activation_bits=4", 2 * x)
+    assert torch.allclose(doubled, 2 * tensor, atol=1e-5)  # dynamic: the range scales with the input
+
+
+def test_static_per_tensor_range_is_fixed_by_calibration(tiny):
+    x = torch.randn(1, 3, 256)
+    out, hook = hooked_inputs(tiny, "sim:activations=static,activation_bits=4,calibration_tokens=256", x)
+    scale, zero = hook.fixed
+    assert scale.numel() == 1 and torch.allclose(out, fake_quant(x, scale, zero, 4, True))
+    big, _ = hooked_inputs(tiny, "sim:activations=static,activation_bits=4,calibration_tokens=256", 1e3 * x)
+    assert big.abs().max() <= 8 * scale + 1e-6  # the calibrated range clamps what it never saw, whatever the input

@@ -19,7 +19,7 @@ CPU = torch.device("cpu")
 
 def test_the_issue_names_are_all_registered():
     expected = {"bnb-int8", "bnb-nf4", "bnb-fp4", "torchao-int8-weight", "torchao-int8-dynamic", "torchao-int4-weight",
-                "dynamic-int8", "sim", "magnitude", "wanda", "structured", "2:4"}
+                "dynamic-int8", "static-int8", "sim", "magnitude", "wanda", "structured", "2:4"}
     assert expected <= set(NAMES), expected - set(NAMES)
 
 

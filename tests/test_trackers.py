@@ -56,7 +56,8 @@ def ticking(path, uj_per_tick: int = 5_000):
 def test_every_section_is_a_top_level_json_key_and_round_trips(fast):
     r = run(fast(eval_tokens=0))
     data = json.loads(r.to_json())
-    assert list(tracker.sections()) == ["latency", "memory", "accuracy", "roofline", "energy"]
+    assert list(tracker.sections()) == ["latency", "memory", "accuracy", "roofline", "energy", "pipeline",
+                                       "speculative", "kv_quant"]
     assert set(tracker.sections()) <= set(data) and "sections" not in data
     assert data["config"]["engine"] == "hf" and data["accuracy"] is None
     assert RunResult.from_dict(data) == r

@@ -102,7 +102,8 @@ def test_importing_the_energy_tracker_first_still_registers_every_tracker():
             "from workbench.measure import tracker\n"
             "print(list(tracker.sections()), 'e2e_ms_p50' in METRICS)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
-    assert done.stdout.split() == ["['latency',", "'memory',", "'accuracy',", "'roofline',", "'energy']", "True"]
+    assert done.stdout.split() == ["['latency',", "'memory',", "'accuracy',", "'roofline',", "'energy',", "'pipeline',",
+                                   "'speculative',", "'kv_quant']", "True"]
 
 
 @pytest.mark.gpu

@@ -14,6 +14,7 @@ from typing import Any
 import ipywidgets as W
 
 from widgets.distill import DistillPanel
+from widgets.export import ExportPanel
 from widgets.forms import error_html, warning_html
 from widgets.history import HistoryPanel
 from widgets.panels import AVAILABILITY_INPUTS, SETTINGS_GROUPS, ModelPanel, SettingsPanel, TechniquesPanel
@@ -89,6 +90,7 @@ class Workbench(W.VBox):
         if policy is not None:  # a locked server writes exports into its working folder, not the notebook's
             export = policy.resolve_path("workbench-results.csv", "export")
             self.history.export_csv = functools.partial(self.history.export_csv, export)  # type: ignore
+        self.exports = ExportPanel(lambda: list(self.history.selected), self.store_path, lambda: self, policy)
         self.sensitivity = SensitivityPanel(self, analyzer)
         self.distill = DistillPanel(self, distiller)
         self._build_controls(budget_ms)
@@ -139,7 +141,8 @@ class Workbench(W.VBox):
                        "model and techniques, press Run: latency, memory and accuracy are measured in one run.</span>"
                        + policy_note(self.policy))
         return [title, W.HBox([left, live]), plots,
-                W.HTML("<h4>History</h4>"), self.history.box, W.HTML("<h4>Sensitivity</h4>"), self.sensitivity.box,
+                W.HTML("<h4>History</h4>"), self.history.box, self.exports.box,
+                W.HTML("<h4>Sensitivity</h4>"), self.sensitivity.box,
                 W.HTML("<h4>Distillation</h4>"), self.distill.box]
 
     # ------------------------------------------------------------------ settings

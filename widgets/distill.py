@@ -19,7 +19,8 @@ from workbench.events import MetricEvent, StageEvent, TrainEvent
 
 logger = logging.getLogger(__name__)
 
-FIELDS = ("teacher", "student", "name", "steps", "lr", "temperature", "ce_weight", "batch_size", "text", "overwrite")
+FIELDS = ("teacher", "student", "name", "steps", "lr", "temperature", "ce_weight", "batch_size", "text", "overwrite",
+          "data_parallel", "sync", "average_every", "straggler_ms", "straggler_rank")
 
 
 class LossPlot:
@@ -207,5 +208,20 @@ class DistillPanel:
                               f"</th></tr></thead><tbody>{body}</tbody></table><span class='wb-note'>Recovered "
                               f"{(r.start_perplexity - r.final_perplexity):.2f} perplexity points{recovered}. "
                               f"Run <code>{html.escape(r.model)}</code> to compare its speed on the same Pareto view."
-                              "</span>")
+                              "</span>" + (ranks_html(r.parallel) if r.parallel is not None else ""))
         self.use_button.disabled = False
+
+
+def ranks_html(par: Any) -> str:
+    """Where each data-parallel rank's training time went (seconds), and whether the ranks ended identical."""
+    mode = ("synchronous: gradients averaged every step" if par.sync == "sync"
+            else f"asynchronous (local SGD): weights averaged every {par.average_every} steps")
+    head = "".join(f"<th>{h}</th>" for h in ("rank", "steps", "compute", "straggler sleep", "waiting", "all-reduce",
+                                             "meetings"))
+    body = "".join(f"<tr><td>{s.rank}</td><td>{s.steps_done}</td><td>{s.compute_s:.2f}</td><td>{s.straggler_s:.2f}"
+                   f"</td><td>{s.wait_s:.2f}</td><td>{s.comm_s:.2f}</td><td>{s.collectives}</td></tr>"
+                   for s in par.ranks)
+    same = "bit-identical" if par.identical else "different"
+    return (f"<p class='wb-note'>{html.escape(mode)} on {par.world_size} ranks ({html.escape(par.backend)}); final "
+            f"weights {same} across ranks.</p><table class='wb-table'><thead><tr>{head}</tr></thead><tbody>{body}"
+            "</tbody></table>")

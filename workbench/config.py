@@ -23,6 +23,9 @@ DTYPES = ("fp32", "fp16", "bf16")
 DEFAULT_PROMPT = "The for statement is used to"
 _DEVICE_RE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
+KV_CACHES = ("dynamic", "static", "quantized")
+KV_BITS = (2, 4, 8)
+KV_BACKENDS = ("auto", "hqq", "quanto")
 
 
 # A one-word field name is a setting only as a sentence's first word ("model must be ..."), before "=" or ">=",
@@ -82,8 +85,20 @@ class RunConfig:
                                       "or eager (plain matmuls, what the model code spells out).",
                                       group="Execution", choices=("sdpa", "eager"))
     kv_cache: str = option("dynamic", "KV cache: dynamic (grows each token) or static (preallocated for "
-                           "prompt + new tokens; needed by compile).", group="Execution",
-                           choices=("dynamic", "static"))
+                           "prompt + new tokens; needed by compile) or quantized (keys and values stored in kv_bits "
+                           "integers, transformers' QuantizedCache; the newest 128 positions stay unquantized).",
+                           group="Execution", choices=KV_CACHES)
+    kv_bits: int | None = option(None, "Bits per stored key/value with kv_cache quantized: 2, 4 or 8 (default 4).",
+                                 group="Execution", choices=KV_BITS)
+    kv_backend: str = option("auto", "Quantizer of a quantized KV cache: hqq (1-8 bits, pure PyTorch), quanto (2 or 4 "
+                             "bits; builds a C++ extension on first use, minutes on a CPU) or auto (hqq).",
+                             group="Execution", choices=KV_BACKENDS)
+    draft_model: str | None = option(None, "Speculative decoding: a small model with the same tokenizer (same "
+                                     "model-spec grammar as model) proposes draft_tokens tokens, the model checks "
+                                     "them in one forward (transformers' assisted generation; batch 1).",
+                                     group="Execution")
+    draft_tokens: int = option(4, "Tokens the draft model proposes per step of the model (fixed; speculative "
+                               "decoding only).", group="Execution", minimum=1, maximum=64)
     compile: bool = option(False, "Compile the one-token decode step with torch.compile, Hugging Face's recipe (static "
                            "KV cache; prefill runs uncompiled); the first call compiles, its time is reported as cold "
                            "start apart from the warm latency.", group="Execution")
@@ -106,6 +121,13 @@ class RunConfig:
                                   group="Parallelism", minimum=1, maximum=1024)
     data_parallel: int = option(1, "Replicas in separate processes; each takes a share of the batch and of the "
                                 "CPU cores (or one GPU each).", group="Parallelism", minimum=1, maximum=1024)
+    pipeline_parallel: int = option(1, "Pipeline stages: the decoder layers split into this many contiguous "
+                                    "stages, one rank each (torch.distributed: gloo on CPU, nccl on GPU); the "
+                                    "batch flows through them in micro_batches.", group="Parallelism",
+                                    minimum=1, maximum=1024)
+    micro_batches: int = option(1, "Micro-batches the batch splits into for pipeline_parallel (GPipe): stages "
+                                "idle (N-1)/(M+N-1) of each step, so M must be at least the stage count N and "
+                                "divide batch_size.", group="Parallelism", minimum=1, maximum=4096)
     eval_tokens: int = option(2048, "Held-out tokens scored for perplexity and agreement, rounded up to whole "
                               "windows (0: skip accuracy).", group="Accuracy", minimum=0, maximum=1_000_000)
     eval_context: int = option(256, "Tokens per evaluation window (capped at the model's context).",
@@ -135,6 +157,7 @@ class RunConfig:
             raise ValueError("give either prompt or prompt_tokens, not both")
         if self.prompt is not None and not self.prompt.strip():
             raise ValueError("prompt is empty: give some text, or prompt_tokens=N")
+        self._check_decoding()  # first: its compile refusals say why, where _check_parallelism's would not
         self._check_parallelism()
         self._parse_techniques()
 
@@ -159,6 +182,7 @@ class RunConfig:
         if self.device_map and (self.tensor_parallel > 1 or self.data_parallel > 1):
             raise ValueError("device_map splits one process's model; it does not combine with tensor_parallel "
                              "or data_parallel")
+        self._check_pipeline()
         if self.data_parallel > self.batch_size:
             raise ValueError(f"data_parallel {self.data_parallel} splits the batch between replicas: batch_size "
                              f"must be at least {self.data_parallel}; got {self.batch_size}")
@@ -181,6 +205,70 @@ class RunConfig:
                 raise ValueError("compile needs warmup >= 1: the first call compiles, and is reported as cold start")
             if self.device_map:
                 raise ValueError("compile does not work with a device_map's offload hooks; drop one of them")
+
+    def _check_pipeline(self) -> None:
+        """pipeline_parallel / micro_batches: what the GPipe schedule of `workbench.parallel.pipeline` needs."""
+        n, m = self.pipeline_parallel, self.micro_batches
+        if n == 1:
+            if m > 1:
+                raise ValueError(f"micro_batches {m} splits the batch between pipeline stages: set "
+                                 "pipeline_parallel to 2 or more, or leave micro_batches at 1")
+            return
+        if self.tensor_parallel > 1 or self.data_parallel > 1 or self.device_map:
+            raise ValueError("pipeline_parallel does not combine with tensor_parallel, data_parallel or a "
+                             "device_map: choose one way to split the run")
+        if self.engine != "hf":
+            raise ValueError(f"the {self.engine} engine runs in one process: pipeline_parallel needs engine hf")
+        if self.compile or self.kv_cache != "dynamic":
+            raise ValueError("pipeline_parallel keeps a dynamic KV cache per stage and runs uncompiled: use "
+                             "kv_cache dynamic without compile")
+        if m < n:
+            raise ValueError(f"micro_batches {m} < pipeline_parallel {n} would leave the stages idle "
+                             f"{(n - 1) / (m + n - 1):.0%} of each step (bubble (N-1)/(M+N-1)); micro_batches "
+                             f"must be at least {n}")
+        if self.batch_size < m:
+            raise ValueError(f"batch_size {self.batch_size} is smaller than micro_batches {m}: each micro-batch "
+                             "needs at least one prompt")
+        if self.batch_size % m:
+            raise ValueError(f"batch_size {self.batch_size} must be a multiple of micro_batches {m} (each "
+                             f"micro-batch takes batch_size / micro_batches prompts)")
+
+    def _check_decoding(self) -> None:
+        """Speculative decoding and a quantized KV cache: what transformers' assisted generation and
+        QuantizedCache accept (see `workbench.engines.hf_speculative` and `hf_kvquant`)."""
+        if self.kv_cache != "quantized":
+            if self.kv_bits is not None:
+                raise ValueError(f"kv_bits {self.kv_bits} sets the bits of a quantized KV cache: set kv_cache to "
+                                 "quantized, or leave kv_bits unset")
+            if self.kv_backend != "auto":
+                raise ValueError(f"kv_backend {self.kv_backend} quantizes the KV cache: set kv_cache to quantized")
+        else:
+            if self.kv_backend == "quanto" and self.kv_bits == 8:
+                raise ValueError("kv_backend quanto stores 2 or 4 bits; for kv_bits 8 use kv_backend hqq or auto")
+            if self.compile:
+                raise ValueError("compile needs a fixed-shape static KV cache, and a quantized KV cache grows and is "
+                                 "re-quantized as it fills: choose one of compile and kv_cache quantized")
+            if self.engine != "hf":
+                raise ValueError("kv_cache quantized is transformers' QuantizedCache: it needs engine hf")
+        if self.draft_model is None:
+            return
+        if not self.draft_model.strip():
+            raise ValueError("draft_model is empty: give a model spec such as student:NAME, or leave it unset")
+        if self.engine != "hf":
+            raise ValueError("draft_model uses transformers' assisted generation: it needs engine hf (llama.cpp "
+                             "runs one model)")
+        if self.batch_size > 1:
+            raise ValueError(f"draft_model: transformers' assisted generation takes one sequence at a time, so "
+                             f"batch_size must be 1; got {self.batch_size}")
+        if (self.tensor_parallel > 1 or self.data_parallel > 1 or getattr(self, "pipeline_parallel", 1) > 1
+                or self.device_map):
+            raise ValueError("draft_model runs the model and its draft in one process on one device: it does not "
+                             "combine with tensor_parallel, data_parallel, pipeline_parallel or a device_map")
+        if self.compile:
+            raise ValueError("draft_model: the model checks draft_tokens + 1 tokens per step, a shape the compiled "
+                             "one-token decode step does not have; choose one of compile and draft_model")
+        if self.kv_cache == "quantized":
+            raise ValueError("draft_model with kv_cache quantized: measure one decode-time technique at a time")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (JSON edge); each technique as its canonical spec string."""

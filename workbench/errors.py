@@ -31,6 +31,10 @@ class RunFailed(WorkbenchError):
     """The run failed part-way (e.g. out of memory); memory was released."""
 
 
+class ExportError(WorkbenchError):
+    """A figure or report cannot be written (bad path, no usable browser for PNG/SVG, unknown run)."""
+
+
 def is_oom(error: BaseException) -> bool:
     """True for an out-of-memory failure of the GPU (torch.OutOfMemoryError) or the host allocator."""
     text = str(error).lower()

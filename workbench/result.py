@@ -140,7 +140,7 @@ class RankInfo:
 class ParallelInfo:
     """How the run was spread: one process, a device map, tensor-parallel or data-parallel ranks."""
 
-    kind: str  # "single" | "split" | "tensor" | "data"
+    kind: str  # "single" | "split" | "tensor" | "data" | "pipeline"
     world_size: int
     backend: str | None
     placement: dict[str, str]  # module -> device (cpu, cuda:N, disk); empty when everything is on one device

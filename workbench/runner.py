@@ -99,7 +99,8 @@ class _Run:
         check_causal_lm(model_config, cfg.model)  # any engine needs a causal LM
         self.engine = engine_class(cfg.engine)(EngineContext(cfg, self.source, self.device, model_config,
                                                              self.on_event, self.stop_requested,
-                                                             self.coord.load_kwargs()))
+                                                             self.coord.load_kwargs(),
+                                                             getattr(self.coord, "make_generator", None)))
         self.engine.check()
         self.tokenizer = load_tokenizer(self.source, cfg.trust_remote_code)
         self.want_accuracy = cfg.eval_tokens > 0 and not self.source.random_weights
@@ -226,6 +227,7 @@ class _Run:
             warning = decode_warning(self.engine.decode_consistency(self.prompt_ids[0], self.calls.first.rows[0]))
             if warning:
                 self.warn(warning, "accuracy")
+            self.take_engine_warnings()  # e.g. speculative output that differs from the model's own greedy output
 
     def result(self) -> RunResult:
         status = "stopped" if self.stopped else "ok"
@@ -286,7 +288,8 @@ def precompute_baseline(config: RunConfig, on_event: OnEvent = no_event,
 
     `coordinator` (a single-process one) picks the prompt rows of the rank whose cache entries to fill.
     """
-    r = _Run(config.replace(tensor_parallel=1, data_parallel=1), on_event, should_stop, coordinator)
+    r = _Run(config.replace(tensor_parallel=1, data_parallel=1, pipeline_parallel=1, micro_batches=1), on_event,
+             should_stop, coordinator)
     try:
         with threads(config.threads):
             r.prepare()
@@ -303,7 +306,7 @@ def run(config: RunConfig, on_event: OnEvent = no_event, should_stop: Callable[[
     sentence) for bad settings, missing models, runs that would not fit, and out-of-memory
     failures; memory is released in every case.
     """
-    if config.tensor_parallel > 1 or config.data_parallel > 1:
+    if config.tensor_parallel > 1 or config.data_parallel > 1 or config.pipeline_parallel > 1:
         from workbench.parallel.launch import run_distributed
 
         return run_distributed(config, on_event, should_stop)

@@ -1,4 +1,5 @@
-"""`workbench` command line: run, models, techniques, results, sensitivity, sweep, distill, dashboard, build-reference.
+"""`workbench` command line: run, models, techniques, results, report, sensitivity, sweep, distill, dashboard,
+build-reference.
 
 One module per subcommand family under this package (each adds its parser and runs its command); this
 module assembles them. `main` is the `workbench` console script (`python -m workbench` too).
@@ -14,6 +15,7 @@ from workbench import __version__, logs
 from workbench.cli.common import EXIT_STOPPED, Parser
 from workbench.cli.dashboard import add_dashboard_parser, cmd_dashboard
 from workbench.cli.distill import add_distill_parser, cmd_distill
+from workbench.cli.report import add_report_parser, cmd_report
 from workbench.cli.results import add_results_parser, cmd_results
 from workbench.cli.run import (add_build_reference_parser, add_listing_parsers, add_run_parser,
                                add_sensitivity_parser, cmd_build_reference, cmd_models, cmd_run, cmd_sensitivity,
@@ -25,7 +27,7 @@ __all__ = ["build_parser", "main", "COMMANDS"]
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "run": cmd_run, "models": cmd_models, "techniques": cmd_techniques, "results": cmd_results,
     "build-reference": cmd_build_reference, "sensitivity": cmd_sensitivity, "dashboard": cmd_dashboard,
-    "sweep": cmd_sweep, "distill": cmd_distill}
+    "sweep": cmd_sweep, "distill": cmd_distill, "report": cmd_report}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_parser(sub)
     add_listing_parsers(sub)
     add_results_parser(sub)
+    add_report_parser(sub)
     add_sensitivity_parser(sub)
     add_sweep_parser(sub)
     add_distill_parser(sub)

@@ -28,6 +28,7 @@ examples:
   workbench distill --steps 400 --name tiny-half
   workbench run --model student:tiny-half          # then compare it with the teacher and the pruned-only model
   workbench distill --text my_notes.txt --student layers:keep=3 --name notes-3l --json
+  workbench distill --data-parallel 2 --sync async --average-every 8 --straggler-ms 50 --name tiny-dp
 
 loss = (1 - ce_weight) * T^2 * KL(teacher_T || student_T) + ce_weight * CE(student, text), per token.
 The held-out perplexity is checked every --eval-every steps; the best checkpoint is saved. Ctrl-C stops after
@@ -91,7 +92,21 @@ def format_distill(r: DistillResult) -> str:
     pruned = pruned_only_command(r.config)
     if pruned:
         lines.append(f"compare: {pruned}   (the student before training)")
+    if r.parallel is not None:
+        lines += ["", format_ranks(r.parallel)]
     return "\n".join(lines)
+
+
+def format_ranks(par: Any) -> str:
+    """Where each data-parallel rank's training time went, and whether the ranks ended identical."""
+    mode = ("sync: gradients averaged every step" if par.sync == "sync"
+            else f"async (local SGD): weights averaged every {par.average_every} steps")
+    rows = [(str(s.rank), str(s.steps_done), f"{s.compute_s:.2f}", f"{s.straggler_s:.2f}", f"{s.wait_s:.2f}",
+             f"{s.comm_s:.2f}", str(s.collectives), f"{s.wall_s:.2f}") for s in par.ranks]
+    head = ("rank", "steps", "compute s", "straggler s", "waiting s", "all-reduce s", "meetings", "wall s")
+    same = "yes" if par.identical else "no"
+    return "\n".join([f"{mode}, {par.world_size} ranks ({par.backend}); final weights bit-identical: {same}",
+                      table(rows, head)])
 
 
 def cmd_distill(args: argparse.Namespace) -> int:

@@ -60,6 +60,20 @@ class DistillConfig:
     threads: int | None = option(None, "Intra-op CPU threads (default: PyTorch's choice).", group="Execution",
                                  minimum=1, maximum=1024)
     seed: int = option(0, "Seed of the batch sampling.", group="Training", minimum=0)
+    data_parallel: int = option(1, "Data-parallel ranks (processes on torch.distributed: gloo on CPU, nccl on "
+                                "CUDA, one GPU each); each takes its own shard of the text and batch_size / N "
+                                "windows per step.", group="Distributed", minimum=1, maximum=1024)
+    sync: str = option("sync", "How the ranks combine their updates: sync (gradients averaged every step, ranks in "
+                       "lockstep, identical weights) or async (local SGD: each rank steps on its own and the "
+                       "weights are averaged every average_every steps).", group="Distributed",
+                       choices=("sync", "async"))
+    average_every: int = option(8, "async: local steps between weight averagings (K).", group="Distributed",
+                                minimum=1, maximum=1_000_000)
+    straggler_ms: float = option(0.0, "Sleep injected into every training step of the straggler rank "
+                                 "(milliseconds), to see who waits for whom.", group="Distributed", minimum=0.0,
+                                 maximum=60_000.0)
+    straggler_rank: int = option(1, "The rank that sleeps straggler_ms per step; -1: a randomly drawn rank each "
+                                 "step (a noisy shared machine).", group="Distributed", minimum=-1, maximum=1023)
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -77,6 +91,21 @@ class DistillConfig:
             raise ValueError("text is empty: give the path of a UTF-8 text file, or leave it unset for the reference "
                              "corpus")
         parse_student(self.student)
+        self._check_distributed()
+
+    def _check_distributed(self) -> None:
+        """Rank counts, batch split and straggler must fit together (one sentence naming the fix)."""
+        world = self.data_parallel
+        if world == 1 and (self.straggler_ms > 0 or self.sync == "async"):
+            what = "straggler_ms" if self.straggler_ms > 0 else "sync 'async'"
+            raise ValueError(f"{what} needs data_parallel of 2 or more: a single process has no other rank to "
+                             "wait for or to average with")
+        if self.batch_size % world:
+            raise ValueError(f"batch_size {self.batch_size} must be a multiple of data_parallel {world}: each rank "
+                             "takes batch_size / data_parallel windows per step")
+        if self.straggler_rank >= world and world > 1:
+            raise ValueError(f"straggler_rank must be -1 or one of the ranks 0..{world - 1}; got "
+                             f"{self.straggler_rank}")
 
     @property
     def effective_warmup(self) -> int:
@@ -103,11 +132,47 @@ class CurvePoint:
     kl: float | None
     tokens_per_s: float | None
     lr: float | None
+    wall_s: float | None = None  # training wall-clock seconds when the check was made (checks excluded)
 
     @property
     def perplexity(self) -> float:
         """Held-out perplexity at this check."""
         return math.exp(self.heldout_loss)
+
+
+@dataclass(frozen=True)
+class RankStats:
+    """What one data-parallel rank did: its steps, and where its wall time went (seconds)."""
+
+    rank: int
+    steps_done: int
+    compute_s: float  # forward, backward and optimizer steps
+    straggler_s: float  # the injected sleeps
+    wait_s: float  # blocked until every rank reached the collective (a barrier just before it)
+    comm_s: float  # the collective itself (gradient or weight all-reduce)
+    collectives: int  # how many times this rank met the others
+    blocked_at: tuple[int, ...]  # the local steps after which it met them (sync: every step; async: every K)
+    wall_s: float  # training wall time (held-out checks excluded)
+    checksum: str  # SHA-256 of the final weights (before the best checkpoint is restored)
+    pre_average_checksum: str | None  # async: the weights just before the last averaging
+
+
+@dataclass(frozen=True)
+class DistillParallel:
+    """A data-parallel distillation: mode, ranks, and each rank's account (rank order)."""
+
+    world_size: int
+    sync: str
+    average_every: int | None  # None in sync mode
+    backend: str
+    straggler_ms: float
+    straggler_rank: int
+    ranks: tuple[RankStats, ...]
+
+    @property
+    def identical(self) -> bool:
+        """Whether every rank ended with bit-identical weights."""
+        return len({r.checksum for r in self.ranks}) == 1
 
 
 @dataclass(frozen=True)
@@ -145,6 +210,7 @@ class DistillResult:
     definition: str
     notes: tuple[str, ...]
     curve: tuple[CurvePoint, ...]
+    parallel: DistillParallel | None = None  # data_parallel > 1
 
     @property
     def recovered(self) -> float | None:

@@ -12,11 +12,11 @@ from typing import Any
 
 import torch
 
-from workbench.distill.config import CurvePoint, DistillConfig, DistillResult, DistillStart
+from workbench.distill.config import CurvePoint, DistillConfig, DistillParallel, DistillResult, DistillStart
 from workbench.distill.students import build_student, check_name_free, layout, parse_student, save_student
 from workbench.errors import ConfigError
-from workbench.events import MetricEvent, OnEvent, StageEvent, TrainEvent, never_stop, no_event
-from workbench.execution import resolve_device, threads
+from workbench.events import MetricEvent, OnEvent, StageEvent, TrainEvent
+from workbench.execution import resolve_device
 from workbench.measure.accuracy import evaluate, make_windows
 from workbench.measure.memory import parameter_count
 from workbench.models.loader import load_model
@@ -88,6 +88,7 @@ class Distillation:
         self.student_steps = parse_student(config.student)
         self.curve: list[CurvePoint] = []
         self.status, self.done, self.train_s, self.tokens = "ok", 0, 0.0, 0
+        self.train_t0, self.check_s = 0.0, 0.0  # training start; seconds spent in held-out checks since
         self.since: list[tuple[float, float | None]] = []  # (ce, kl) of the steps since the last check
 
     def stage(self, name: str, state: str, message: str = "", fraction: float | None = None) -> None:
@@ -171,6 +172,7 @@ class Distillation:
         opt = adamw(self.student, cfg.lr, 0.0)
         gen = torch.Generator().manual_seed(cfg.seed)
         self.student.train()
+        self.train_t0 = time.perf_counter()
         stopping = bool(self.should_stop())
         while self.done < cfg.steps and not stopping:
             lr = lr_at(self.done, cfg.steps, cfg.lr, cfg.effective_warmup, MIN_LR_RATIO)
@@ -199,10 +201,14 @@ class Distillation:
 
     def _step(self, opt: torch.optim.Optimizer, batch: torch.Tensor, lr: float) -> tuple[float, float | None]:
         """One optimizer step; returns the batch's (cross-entropy, KL) in nats per token."""
+        ce, kl = self._backward(batch)
+        self._apply(opt, lr)
+        return ce.item(), None if kl is None else kl.item()
+
+    def _backward(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Forward both models, backward the student's loss; the batch's (cross-entropy, KL) tensors."""
         cfg = self.config
         x, y = batch[:, :-1], batch[:, 1:]  # (B, T), (B, T)
-        for group in opt.param_groups:
-            group["lr"] = lr
         with self._autocast():
             teacher_logits = None
             if cfg.ce_weight < 1:  # with α = 1 the teacher's term has weight 0: skip its forward pass
@@ -211,23 +217,35 @@ class Distillation:
             student_logits = self.student(input_ids=x, use_cache=False).logits  # (B, T, V)
         loss, ce, kl = distill_loss(student_logits, teacher_logits, y, cfg.temperature, cfg.ce_weight)
         loss.backward()
+        return ce.detach(), None if kl is None else kl.detach()
+
+    def _apply(self, opt: torch.optim.Optimizer, lr: float) -> None:
+        """Clip the gradients and take the optimizer step at `lr`."""
+        for group in opt.param_groups:
+            group["lr"] = lr
         torch.nn.utils.clip_grad_norm_(self.student.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return ce.item(), None if kl is None else kl.item()
 
     def _check(self, lr: float) -> float:
         """Held-out check: add a curve point; keep a snapshot when it is the best so far."""
+        t = time.perf_counter()
+        wall = t - self.train_t0 - self.check_s
         held = self._heldout(self.student)
         kls = [k for _, k in self.since if k is not None]
         self.curve.append(CurvePoint(self.done, held, sum(c for c, _ in self.since) / len(self.since),
-                                     sum(kls) / len(kls) if kls else None, self.tokens_per_s, lr))
+                                     sum(kls) / len(kls) if kls else None, self.tokens_per_s, lr, wall))
         self.since = []
         if held < self.best[0]:
             self.best = (held, self.done, self._snapshot())
         logger.info("step %d/%d held-out perplexity %.2f (best %.2f at step %d), %.0f tok/s", self.done,
                     self.config.steps, math.exp(held), math.exp(self.best[0]), self.best[1], self.tokens_per_s)
+        self.check_s += time.perf_counter() - t
         return held
+
+    def parallel(self) -> DistillParallel | None:
+        """The data-parallel account of the result (None for one process)."""
+        return None
 
     def finish(self) -> DistillResult:
         """Restore the best checkpoint, save it as student:NAME, and describe what happened."""
@@ -243,23 +261,8 @@ class Distillation:
             final_perplexity=math.exp(best_loss), teacher_params=self.teacher_params,
             student_params=self.student_params, student_layout=layout(self.student), tokens_per_s=self.tokens_per_s,
             train_s=self.train_s, wall_s=time.perf_counter() - self.t0, eval_tokens=self.windows.scored_tokens,
-            definition=self.definition, notes=tuple(self.notes), curve=tuple(self.curve))
+            definition=self.definition, notes=tuple(self.notes), curve=tuple(self.curve), parallel=self.parallel())
         save_student(self.student, self.teacher.tokenizer, cfg.name, cfg.overwrite, cfg.save_dtype, result.to_dict())
         self.stage("save", "end", result.path)
         self.on_event(MetricEvent("result", result))
         return result
-
-
-def distill(config: DistillConfig, on_event: OnEvent = no_event, should_stop=never_stop) -> DistillResult:
-    """Build the student, distil it from the teacher, save the best checkpoint as `student:NAME`.
-
-    Raises a WorkbenchError subclass with one sentence for anything the user can fix (ConfigError,
-    ModelSourceError), before any weight is read where possible.
-    """
-    with threads(config.threads):
-        job = Distillation(config, on_event, should_stop)
-        job.prepare()
-        job.load()
-        job.train()
-        return job.finish()
-

@@ -49,6 +49,7 @@ class EngineContext:
     on_event: OnEvent
     stop_requested: Callable[[], bool]
     load_kwargs: dict[str, Any]  # from the coordinator (a tensor-parallel plan)
+    make_generator: Callable[..., Any] | None = None  # from the coordinator: a pipeline's generator (hf engine)
 
 
 class Engine(abc.ABC):
@@ -123,6 +124,14 @@ class Engine(abc.ABC):
         """None when the PyTorch profiler sees this engine's kernels (its busy share per decode step can be
         measured), else why not (one sentence)."""
         return f"the {self.name} engine's kernels run outside PyTorch, where its profiler cannot see them"
+
+    def compiled_mode(self) -> str | None:
+        """The torch.compile mode the decode step actually runs with (None: uncompiled, after any fallback)."""
+        return None
+
+    def uses_cuda_graphs(self) -> bool:
+        """Whether the decode step replays CUDA graphs (after any fallback)."""
+        return False
 
     def take_warnings(self) -> list[str]:
         """The warnings gathered since the last call (one sentence each), handed over once."""

@@ -10,8 +10,11 @@ from typing import Any
 import torch
 
 from workbench.engines.base import Engine, EngineContext, Generation, register
-from workbench.engines.hf_compile import CompilePlan, compile_config, plan_compile, was_compiled
+from workbench.engines.hf_compile import (WITHOUT_CUDA_GRAPHS, CompilePlan, compile_config, plan_compile,
+                                          was_compiled)
 from workbench.engines.hf_generate import Generator
+from workbench.engines.hf_kvquant import KVQuant
+from workbench.engines.hf_speculative import Speculation, own_greedy
 from workbench.engines.hf_load import LoadPlan, plan_load
 from workbench.events import StageEvent
 from workbench.measure.accuracy import EvalWindows, decode_consistency, window_logprobs
@@ -63,6 +66,10 @@ class HFEngine(Engine):
         self.load_plan = LoadPlan(LoadPath("", 0, 0))
         self.estimate: RunEstimate | None = None
         self.compile_checked = False  # whether a generate call has shown that transformers compiled the step
+        cfg = ctx.config  # decode-time techniques: a draft model (speculative decoding), a quantized KV cache
+        self.speculation = Speculation(cfg.draft_model, cfg.draft_tokens, cfg.trust_remote_code) if cfg.draft_model \
+            else None
+        self.kv_quant = KVQuant(cfg.kv_backend, cfg.kv_bits, cfg.dtype) if cfg.kv_cache == "quantized" else None
 
     def check(self) -> None:
         """A technique the architecture lacks (GPT-2's Conv1D, fused projections) is refused from the config."""
@@ -80,6 +87,10 @@ class HFEngine(Engine):
         refused with every term of the estimate."""
         super().plan(tokenizer, prompt_ids, windows)
         ctx = self.ctx
+        if self.speculation is not None:  # a draft of another vocabulary is refused before a weight is read
+            self.speculation.plan(tokenizer, ctx.model_config)
+        if self.kv_quant is not None:
+            self.kv_quant.plan(ctx.model_config, len(prompt_ids), len(prompt_ids[0]), ctx.config.max_new_tokens)
         self.load_plan = plan_load(ctx.config, ctx.model_config, ctx.device, ctx.load_kwargs)
         if not ctx.config.device_map:  # a device map is there precisely to run what does not fit in one place
             self.estimate = check_memory(ctx, prompt_ids, windows, self.load_plan.path if self.load_plan.path.name
@@ -99,6 +110,8 @@ class HFEngine(Engine):
                                  allow_pickle=cfg.allow_pickle, at_load=plan.kwargs(cfg.dtype, folder) or None)
         if plan.device_map:
             self.split.bytes_by_device = module_bytes(self.loaded.model, plan.device_map)
+        if self.speculation is not None:
+            self.speculation.load(cfg.dtype, ctx.device, cfg.seed, cfg.attn_implementation)
 
     def apply(self) -> tuple[TechniqueRecord, ...]:
         """Techniques in order, then placement over devices (device_map), then compilation."""
@@ -118,8 +131,10 @@ class HFEngine(Engine):
                                       cfg.offload_folder)
         self.reference_forward = model.forward  # never compiled: transformers compiles only the decode step
         self.loaded.model = model
-        self.generator = Generator(model, self.tokenizer, self.ctx.device, cfg, self.prompt_ids,
-                                   self.ctx.stop_requested, self._plan_compile(model))
+        make = self.ctx.make_generator or Generator  # a pipeline stage runs its own layers only
+        self.generator = make(model, self.tokenizer, self.ctx.device, cfg, self.prompt_ids,
+                              self.ctx.stop_requested, self._plan_compile(model))
+        self.generator.decoding = self.speculation or self.kv_quant
         return records
 
     def _plan_compile(self, model: torch.nn.Module) -> Any:
@@ -147,13 +162,26 @@ class HFEngine(Engine):
         return generation
 
     def logprobs(self, windows: EvalWindows) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if self.kv_quant is not None:  # through the quantized cache, or the cache would not be measured at all
+            return self.kv_quant.window_logprobs(self.loaded.model, windows, self.ctx.device)
         return window_logprobs(self.loaded.model, windows, self.ctx.device)
 
     def decode_consistency(self, prompt: list[int], generated: list[int]) -> float | None:
+        if self.speculation is not None:  # assisted output must be the model's own greedy output
+            warning = self.speculation.check_greedy(
+                own_greedy(self.loaded.model, self.tokenizer, prompt, len(generated), self.ctx.device), generated)
+            self.pending_warnings += [warning] if warning else []
         return decode_consistency(self.reference_forward, prompt, generated, self.ctx.device)
 
     def bytes_per_step(self, prompt_tokens: int, new_tokens: int, kv_bytes: int | None) -> int:
         return bytes_per_step(self.loaded.model, self.model_info.weight_bytes, kv_bytes, prompt_tokens, new_tokens)
+
+    def compiled_mode(self) -> str | None:
+        """The mode plan_compile settled on (None: uncompiled)."""
+        return self.compile_plan.mode
+
+    def uses_cuda_graphs(self) -> bool:
+        return self.ctx.device.type == "cuda" and self.compile_plan.mode in WITHOUT_CUDA_GRAPHS
 
     def profile_refusal(self) -> str | None:
         return None  # PyTorch operators: the profiler sees every kernel
@@ -163,6 +191,8 @@ class HFEngine(Engine):
 
     def release(self) -> None:
         self.loaded = self.generator = self.reference_forward = None
+        if self.speculation is not None:
+            self.speculation.release()
         if self.split and self.split.offload_dir:
             shutil.rmtree(self.split.offload_dir, ignore_errors=True)
         gc.collect()

@@ -55,6 +55,9 @@ class Generator:
                                compile_config=compile_config,
                                cache_implementation="static" if config.kv_cache == "static" else None)
         self.generation_config = GenerationConfig
+        # a decode-time technique (hf_speculative.Speculation, hf_kvquant.KVQuant): its generate settings and a
+        # context around each call (counting forwards); set by the engine after construction
+        self.decoding: Any = None
 
     def generate(self, clock: TokenClock, want_cache: bool = False, interruptible: bool = False) -> Generation:
         """One timed call; `want_cache` also returns the KV cache's size (returned by generate).
@@ -64,17 +67,22 @@ class Generator:
         """
         from transformers import StoppingCriteriaList
 
-        gen = self.generation_config(**self.gen_kwargs, return_dict_in_generate=want_cache)
+        extra, call = (self.decoding.config_kwargs(), self.decoding.call_kwargs()) if self.decoding else ({}, {})
+        gen = self.generation_config(**{**self.gen_kwargs, **extra}, return_dict_in_generate=want_cache)
         mask = torch.ones_like(self.ids)
         out = None
+        around = (self.decoding.around(self.model, self.gen_kwargs["max_new_tokens"]) if self.decoding
+                  else contextlib.nullcontext([]))
         clock.begin()
-        with torch.inference_mode(), _stop_between_layers(self.model, self.stop_requested, interruptible):
+        with torch.inference_mode(), _stop_between_layers(self.model, self.stop_requested, interruptible), \
+                around as produced:
             try:
                 out = self.model.generate(input_ids=self.ids, attention_mask=mask, generation_config=gen,
-                                          streamer=clock,
+                                          streamer=clock, **call,
                                           stopping_criteria=StoppingCriteriaList([StopOnRequest(self.stop_requested)]))
             except _Interrupted:
                 pass  # stopped inside a forward: the tokens before it are all there is
+            produced.append(len(clock.tokens))
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         timing = clock.timing(time.perf_counter())

@@ -19,10 +19,11 @@ import torch
 
 from workbench.config import RunConfig
 from workbench.errors import ConfigError
-from workbench.measure.estimate import LoadPath, size_text
+from workbench.measure.estimate import LoadPath
 from workbench.models.sources import TORCH_DTYPES
 from workbench.parallel.placement import (check_offload_folder, device_map_for, module_bytes, offloaded,
                                           parse_device_map, parse_max_memory)
+from workbench.report import human_bytes
 from workbench.result import TechniqueRecord
 from workbench.techniques._targets import block_linears, block_weights
 from workbench.techniques.apply import record
@@ -56,7 +57,7 @@ class LoadPlan:
     def describe(self, peak: str | None) -> str:
         """One line for the load stage: the path and where its bytes go."""
         if self.device_map:
-            where = ", ".join(f"{size_text(b)} on {d}" for d, b in sorted(self.split_bytes.items()))
+            where = ", ".join(f"{human_bytes(b)} on {d}" for d, b in sorted(self.split_bytes.items()))
             return f"{self.path.name}, placed while loading: {where}"
         return peak or self.path.name
 

@@ -41,8 +41,8 @@ def _unsupported_settings(cfg: Any) -> str | None:
         return "it decodes batch 1 (one sequence); use --batch-size 1"
     if cfg.compile:
         return "--compile is PyTorch's compiler; llama.cpp is compiled ahead of time, drop --compile"
-    if cfg.device_map or cfg.tensor_parallel > 1 or cfg.data_parallel > 1:
-        return "it runs in one process on one device (no device map, tensor or data parallelism)"
+    if cfg.device_map or cfg.tensor_parallel > 1 or cfg.data_parallel > 1 or cfg.pipeline_parallel > 1:
+        return "it runs in one process on one device (no device map, tensor, data or pipeline parallelism)"
     if cfg.kv_cache != "dynamic":
         return "its KV cache is llama.cpp's own (fp16, allocated for the whole context); use --kv-cache dynamic"
     return None

@@ -5,12 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from workbench.report import human_bytes
+
 _GIB = 1 << 30
-
-
-def size_text(n: int) -> str:
-    """Bytes for a sentence: GiB with one decimal, MiB below a tenth of a GiB."""
-    return f"{n / _GIB:.1f} GiB" if n >= _GIB / 10 else f"{n / (1 << 20):.1f} MiB"
 
 
 @dataclass(frozen=True)
@@ -59,7 +56,7 @@ class RunEstimate:
 
     def describe(self, where: str) -> str:
         """The path and its peak, e.g. "bnb-nf4 while loading: 4.9 GiB peak on cuda:0"."""
-        return f"{self.path or 'weights'}: {size_text(self.total)} peak on {where}"
+        return f"{self.path or 'weights'}: {human_bytes(self.total)} peak on {where}"
 
 
 def estimate_run(text_config: Any, *, params: int, dtype_bytes: int, kv_per_token: int, batch: int,

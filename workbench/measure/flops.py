@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from workbench.measure import probes
+from workbench.models.loader import attention_shape
 from workbench.models.sources import TORCH_DTYPES, text_config
 
 logger = logging.getLogger(__name__)
@@ -102,11 +103,8 @@ def decode_flops(params: int, model_config: Any, batch: int, prompt_tokens: int,
     embedding is a lookup, not a matmul) plus attention over the mean KV length (QK^T and AV: 4 x layers x
     heads x head_dim per cached position), times the batch."""
     cfg = text_config(model_config)
-    hidden = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", 0)
-    heads = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head", 0)
-    layers = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", 0)
-    head_dim = getattr(cfg, "head_dim", None) or (hidden // heads if heads else 0)
+    layers, heads, _, head_dim = attention_shape(model_config)
     tied = getattr(cfg, "tie_word_embeddings", True)
-    macs = params - (0 if tied else (getattr(cfg, "vocab_size", 0) or 0) * hidden)
+    macs = params - (0 if tied else (getattr(cfg, "vocab_size", 0) or 0) * cfg.hidden_size)
     kv_mean = prompt_tokens + new_tokens / 2
     return float(batch * (2 * max(macs, 0) + 4 * layers * heads * head_dim * kv_mean))

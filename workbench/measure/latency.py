@@ -47,11 +47,14 @@ class TokenClock:
             self._prompt_seen = True
             return
         now = time.perf_counter()
-        row_tokens = value.reshape(-1).tolist()
-        self.stamps.append(now)
-        self.tokens.append(row_tokens)
-        if self.on_token is not None:
-            self.on_token(len(self.stamps) - 1, (now - self.start) * 1e3, row_tokens)
+        # (B,): one step of every row; (B, n): n steps at once (assisted generation accepts several draft tokens
+        # per forward of the model), all stamped now: they exist from this moment, which is what TTFT/TPOT count
+        steps = value.reshape(value.shape[0], -1).T if value.dim() == 2 else value.reshape(1, -1)  # (n, B)
+        for row_tokens in steps.tolist():
+            self.stamps.append(now)
+            self.tokens.append(row_tokens)
+            if self.on_token is not None:
+                self.on_token(len(self.stamps) - 1, (now - self.start) * 1e3, row_tokens)
 
     def end(self) -> None:
         """Called by `generate` when it finishes."""

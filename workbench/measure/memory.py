@@ -93,6 +93,12 @@ def cache_bytes(cache: Any) -> int:
     if layers is not None:
         tensors = [t for layer in layers for t in (getattr(layer, "keys", None), getattr(layer, "values", None))
                    if isinstance(t, torch.Tensor)]
+        # a QuantizedCache layer keeps only its newest positions in keys/values; the rest is its quantized storage:
+        # a tensor subclass (quanto: data, scale, shift) or (packed tensor, meta dict of scale/zero tensors) (hqq)
+        for layer in layers:
+            for stored in (getattr(layer, "_quantized_keys", None), getattr(layer, "_quantized_values", None)):
+                tensors += _walk(list(stored[1].values()) + [stored[0]] if isinstance(stored, tuple)
+                                 and isinstance(stored[-1], dict) else stored)
     else:
         tensors = _walk(cache)
     return sum(_tensor_bytes(t, seen) for t in tensors if t.numel())

@@ -129,13 +129,18 @@ def load_model(source: ModelSource, dtype: str, device: torch.device, *, trust_r
     return Loaded(model, load_tokenizer(source, trust_remote_code), source, device)
 
 
-def kv_bytes_per_token(config: Any, dtype: str) -> int:
-    """K and V of every layer for one token of one sequence."""
+def attention_shape(config: Any) -> tuple[int, int, int, int]:
+    """(layers, query heads, key/value heads, head size) of a model's config (GPT-2's names map through its
+    attribute_map)."""
     text = text_config(config)
-    layers = text.num_hidden_layers
     heads = text.num_attention_heads
     kv_heads = getattr(text, "num_key_value_heads", None) or heads
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    return text.num_hidden_layers, heads, kv_heads, getattr(text, "head_dim", None) or text.hidden_size // heads
+
+
+def kv_bytes_per_token(config: Any, dtype: str) -> int:
+    """K and V of every layer for one token of one sequence."""
+    layers, _, kv_heads, head_dim = attention_shape(config)
     return 2 * layers * kv_heads * head_dim * _BYTES[dtype]
 
 

@@ -1,4 +1,4 @@
-"""Tensor- and data-parallel ranks on torch.distributed: checks, process group, coordinator."""
+"""Tensor-, data- and pipeline-parallel ranks on torch.distributed: checks, process group, coordinator."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ COLLECTIVE_TIMEOUT = dt.timedelta(minutes=30)  # a rank that waits longer than t
 class Layout:
     """What a distributed run asks for: tensor or data parallel, over how many ranks, on which device type."""
 
-    kind: str  # "tensor" | "data"
+    kind: str  # "tensor" | "data" | "pipeline"
     world_size: int
     device_type: str  # "cpu" | "cuda"
 
@@ -44,24 +44,42 @@ def share(rows: list[Any], rank: int, world: int) -> list[Any]:
     return rows[start:start + base + (1 if rank < extra else 0)]
 
 
+def check_stages(config: RunConfig, stages: int) -> None:
+    """Every stage needs at least one decoder layer (ConfigError naming the most stages the model allows)."""
+    text = text_config(load_config(resolve(config.model), config.trust_remote_code))
+    layers = getattr(text, "num_hidden_layers", None)
+    if layers is not None and stages > layers:
+        raise ConfigError(f"pipeline_parallel {stages} needs at least one decoder layer per stage, but "
+                          f"{config.model} has {layers} layers: use at most {layers} stages")
+
+
+def ranks_device(spec: str, setting: str, world: int, local: int) -> torch.device:
+    """The device `local` ranks on this machine run on (one GPU or one CPU core each); ConfigError with one
+    sentence when `spec` names one GPU for all of them or the machine cannot hold them."""
+    if re.fullmatch(r"cuda:\d+", spec):
+        raise ConfigError(f"with {setting} each rank takes its own GPU (rank r uses cuda:r); give --device "
+                          f"cuda or auto instead of {spec}")
+    device = resolve_device(spec)
+    if device.type == "cuda" and local > torch.cuda.device_count():
+        raise ConfigError(f"{setting} {world} needs {local} GPUs on this machine, but it has "
+                          f"{torch.cuda.device_count()}")
+    if device.type == "cpu" and local > cpu_cores():
+        raise ConfigError(f"{setting} {world} needs {local} CPU cores (one per rank), but this machine has "
+                          f"{cpu_cores()}")
+    return device
+
+
 def layout(config: RunConfig, local_world: int | None = None) -> Layout:
     """Check a tensor/data-parallel request before any process starts; ConfigError with one sentence if it cannot run.
 
     `local_world`: ranks on this machine (all of them unless torchrun spreads them over nodes).
     """
-    kind = "tensor" if config.tensor_parallel > 1 else "data"
-    world = max(config.tensor_parallel, config.data_parallel)
+    kind = "tensor" if config.tensor_parallel > 1 else "pipeline" if config.pipeline_parallel > 1 else "data"
+    world = max(config.tensor_parallel, config.data_parallel, config.pipeline_parallel)
     local = local_world or world
-    if re.fullmatch(r"cuda:\d+", config.device):
-        raise ConfigError(f"with {kind}_parallel each rank takes its own GPU (rank r uses cuda:r); give --device "
-                          f"cuda or auto instead of {config.device}")
-    device = resolve_device(config.device)
-    if device.type == "cuda" and local > torch.cuda.device_count():
-        raise ConfigError(f"{kind}_parallel {world} needs {local} GPUs on this machine, but it has "
-                          f"{torch.cuda.device_count()}")
-    if device.type == "cpu" and local > cpu_cores():
-        raise ConfigError(f"{kind}_parallel {world} needs {local} CPU cores (one per rank), but this machine has "
-                          f"{cpu_cores()}")
+    if kind == "pipeline":  # a model too shallow for the stages is refused whatever the machine
+        check_stages(config, world)
+    device = ranks_device(config.device, f"{kind}_parallel", world, local)
     if kind == "tensor":
         _check_tensor_plan(config, world)
     return Layout(kind, world, device.type)

@@ -40,22 +40,32 @@ _QUIET = ("torchelastic-events-null", "torch.distributed.elastic", "torch.distri
 
 def run_distributed(config: RunConfig, on_event: OnEvent = no_event,
                     should_stop: Callable[[], bool] = never_stop) -> RunResult:
-    """Run `config` as tensor_parallel / data_parallel ranks on this machine; rank 0's merged result."""
+    """Run `config` as tensor / data / pipeline-parallel ranks on this machine; rank 0's merged result."""
     plan = layout(config)  # every refusal happens here, before a process starts
+    return RunResult.from_dict(launch_ranks("workbench.parallel.worker", config.to_dict(), plan.world_size, on_event,
+                                            should_stop, f"the {plan.world_size} ranks of {config.model}"))
+
+
+def launch_ranks(module: str, config: dict[str, Any], world: int, on_event: OnEvent,
+                 should_stop: Callable[[], bool], who: str) -> dict[str, Any]:
+    """Start `world` ranks of `python -m module --launch-file FILE` (FILE: `config`, the relay's address and
+    token), relay rank 0's events and the stop requests, and return rank 0's result dict; one WorkbenchError
+    sentence naming the failing rank otherwise (`who` names the ranks when none says more)."""
     with tempfile.TemporaryDirectory(prefix="workbench-ranks-") as folder, Relay() as relay:
         launch_file = Path(folder) / "launch.json"
         fd = os.open(launch_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # the token stays private
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump({"config": config.to_dict(), "relay": relay.address, "token": relay.token}, f)
-        ranks = Ranks(["-u", "-m", "workbench.parallel.worker", "--launch-file", str(launch_file)],
-                      plan.world_size, Path(folder) / "logs")
+            json.dump({"config": config, "relay": relay.address, "token": relay.token}, f)
+        ranks = Ranks(["-u", "-m", module, "--launch-file", str(launch_file)], world, Path(folder) / "logs")
         ranks.start()
         try:
             outcome = _follow(relay, ranks, on_event, should_stop)
         finally:
             relay.close()  # ranks still running see the end of file and stop
             ranks.end(list(relay.pids.values()))
-    return _result(outcome, ranks, plan.world_size, config)
+    if outcome["result"] is None:
+        _raise_failure(outcome, ranks, world, who)
+    return outcome["result"]
 
 
 class Ranks:
@@ -190,10 +200,8 @@ def _drain(relay: Relay, outcome: dict[str, Any], on_event: OnEvent, limit_s: fl
             _take(message, outcome, on_event)
 
 
-def _result(outcome: dict[str, Any], ranks: Ranks, world: int, config: RunConfig) -> RunResult:
-    """Rank 0's result, or one WorkbenchError sentence that names the failing rank."""
-    if outcome["result"] is not None:
-        return RunResult.from_dict(outcome["result"])
+def _raise_failure(outcome: dict[str, Any], ranks: Ranks, world: int, who: str) -> None:
+    """One WorkbenchError sentence that names the failing rank (rank 0 sent no result)."""
     reports = sorted(outcome["errors"], key=lambda m: bool(m.get("secondary")))  # root causes first
     reported = {m.get("rank") for m in reports}
     silent_deaths = [r for r, (code, _m, _t) in ranks.failures.items()
@@ -214,4 +222,4 @@ def _result(outcome: dict[str, Any], ranks: Ranks, world: int, config: RunConfig
         raise RunFailed(f"rank {rank} of {world} {how} without a result" + (f": {tail}" if tail else ""))
     if ranks.error is not None:
         raise RunFailed(f"the ranks could not be started: {str(ranks.error).strip().splitlines()[0][:200]}")
-    raise RunFailed(f"the {world} ranks of {config.model} ended without a result")
+    raise RunFailed(f"{who} ended without a result")

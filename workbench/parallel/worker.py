@@ -1,4 +1,4 @@
-"""The rank entry point of tensor- and data-parallel runs; runs unchanged under torchrun.
+"""The rank entry point of tensor-, data- and pipeline-parallel runs; runs unchanged under torchrun.
 
     torchrun --standalone --nproc-per-node 2 -m workbench.parallel.worker --model tiny --tensor-parallel 2
     torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \\
@@ -14,21 +14,18 @@ parent's stop requests.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import ctypes
 import dataclasses
 import json
 import logging
 import os
-import signal
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from workbench.config import RunConfig
-from workbench.errors import WorkbenchError
 from workbench.events import OnEvent, never_stop, no_event
 from workbench.measure import tracker
+from workbench.parallel.rank_exit import die_with_parent, report_failure
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +54,7 @@ def run_rank(ctx: _Ctx) -> Any:
     rank_config = ctx.config.replace(device=str(device), threads=d.rank_threads(ctx.config, ctx.local_world))
     d.init_process_group(device)
     try:
-        coord = d.DistributedCoordinator(plan.kind)
+        coord = d.DistributedCoordinator(plan.kind) if plan.kind != "pipeline" else _pipeline_coordinator(ctx)
         _prime_baselines(ctx, rank_config, plan)
         coord.barrier()
         result = run_local(rank_config, ctx.on_event, ctx.should_stop, coord)
@@ -68,15 +65,23 @@ def run_rank(ctx: _Ctx) -> Any:
         d.destroy()
 
 
+def _pipeline_coordinator(ctx: _Ctx) -> Any:
+    from workbench.parallel.pipeline import PipelineCoordinator
+
+    return PipelineCoordinator(ctx.config)
+
+
 def _check_world(ctx: _Ctx) -> None:
     from workbench.errors import ConfigError
 
-    asked = max(ctx.config.tensor_parallel, ctx.config.data_parallel)
+    cfg = ctx.config
+    asked = max(cfg.tensor_parallel, cfg.data_parallel, cfg.pipeline_parallel)
     if asked == 1:
-        raise ConfigError(f"{ctx.world} ranks were started: give --tensor-parallel {ctx.world} or --data-parallel "
-                          f"{ctx.world}")
+        raise ConfigError(f"{ctx.world} ranks were started: give --tensor-parallel {ctx.world}, --data-parallel "
+                          f"{ctx.world} or --pipeline-parallel {ctx.world}")
     if asked != ctx.world:
-        kind = "tensor_parallel" if ctx.config.tensor_parallel > 1 else "data_parallel"
+        kind = ("tensor_parallel" if cfg.tensor_parallel > 1 else
+                "pipeline_parallel" if cfg.pipeline_parallel > 1 else "data_parallel")
         raise ConfigError(f"{ctx.world} ranks were started but the run asks for {kind} {asked}; they must match")
 
 
@@ -107,6 +112,9 @@ def _merge(config: RunConfig, result: Any, shares: list[dict[str, Any]], coord: 
         warnings.append(f"data parallel: latency, memory and accuracy are rank 0's ({ranks[0].rows} of "
                         f"{config.batch_size} prompts); aggregate decode tokens/s is the sum of the {len(ranks)} "
                         "replicas' decode tokens/s, measured side by side")
+    if coord.kind == "pipeline":
+        warnings.append(f"pipeline parallel: each of the {coord.world_size} ranks loads the whole model (the accuracy "
+                        "pass runs on every rank's copy) and times only its stage; memory is rank 0's")
     info = ParallelInfo(kind=coord.kind, world_size=coord.world_size, backend=coord.backend, placement={},
                         bytes_by_device={}, ranks=ranks, aggregate_decode_tokens_per_s=aggregate)
     stopped = any(s["status"] == "stopped" for s in shares)
@@ -115,30 +123,6 @@ def _merge(config: RunConfig, result: Any, shares: list[dict[str, Any]], coord: 
     return dataclasses.replace(result, config=config, outputs=outputs, output_text=outputs[0] if outputs else "",
                                parallel=info, warnings=tuple(warnings), sections=sections,
                                status="stopped" if stopped else result.status)
-
-
-def _die_with_parent() -> None:
-    """Linux: be killed when the launching process dies, so no rank outlives an interrupted parent."""
-    if not sys.platform.startswith("linux"):
-        return
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    if os.getppid() == 1:
-        os._exit(1)
-
-
-def _error_text(error: BaseException) -> str:
-    if isinstance(error, WorkbenchError):
-        return str(error)
-    lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[0] if lines else ''}".rstrip(": ")
-
-
-def _secondary(error: BaseException) -> bool:
-    """Errors that only echo another rank's failure (its connection closed, a collective timed out)."""
-    text = f"{type(error).__name__} {error}".lower()
-    return any(k in text for k in ("distbackenderror", "connection closed", "connection reset", "gloo",
-                                   "broken pipe", "timed out", "nccl"))
 
 
 def _parse(argv: Sequence[str]) -> tuple[RunConfig, argparse.Namespace, dict[str, Any] | None]:
@@ -186,12 +170,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         rank, world, local_rank, local_world = world_from_env()
         ctx = _Ctx(config, rank, world, local_rank, local_world)
         if launch:
-            _die_with_parent()
+            die_with_parent()
             link = RankLink(launch["relay"], launch["token"], rank)
             ctx.on_event, ctx.should_stop = (link.emit if rank == 0 else no_event), link.stop.is_set
         result = run_rank(ctx)
     except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001 - every failure becomes one sentence
-        return _fail(e, link, out)
+        return report_failure(e, link, out)
     if result is not None:
         if link is not None:
             link.send({"result": result.to_dict()})
@@ -200,22 +184,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if link is not None:
         link.close()
     return 0
-
-
-def _fail(error: BaseException, link: Any, out: Any) -> int:
-    """Report a rank's failure: to the parent when launched by it, else on stderr (rank 0: also JSON on stdout)."""
-    text, rank = _error_text(error), os.environ.get("RANK", "?")
-    if not isinstance(error, WorkbenchError):
-        logger.error("rank %s failed", rank, exc_info=error)
-    if link is not None:
-        link.send({"error": text, "type": type(error).__name__, "secondary": _secondary(error)})
-        link.close()
-    else:
-        logger.error("rank %s: error: %s", rank, text)
-        if rank == "0":
-            out.write(json.dumps({"status": "error", "error": text}) + "\n")
-            out.flush()
-    return 1
 
 
 if __name__ == "__main__":

@@ -57,7 +57,7 @@ class PublishPolicy:
                               maximum=100000)
     max_duration_s: float = option(30.0, "Longest min_duration_s a visitor may ask for.", group="Lock",
                                    minimum=0.0, maximum=3600.0)
-    max_processes: int = option(2, "Most tensor- or data-parallel processes per run.", group="Lock", minimum=1,
+    max_processes: int = option(2, "Most tensor-, data- or pipeline-parallel processes per run.", group="Lock", minimum=1,
                                 maximum=1024)
     max_train_steps: int = option(500, "Most optimizer steps per distillation.", group="Lock", minimum=1,
                                   maximum=1_000_000)
@@ -144,7 +144,8 @@ def check_run(policy: PublishPolicy, config: RunConfig) -> None:
     _cap(config.repeats, policy.max_repeats, "repeats")
     _cap(config.warmup, policy.max_repeats, "warmup")
     _cap(config.min_duration_s, policy.max_duration_s, "min_duration_s")
-    _cap(max(config.tensor_parallel, config.data_parallel), policy.max_processes, "parallel processes")
+    _cap(max(config.tensor_parallel, config.data_parallel, config.pipeline_parallel), policy.max_processes,
+         "parallel processes")
     if (config.device_map and "disk" in config.device_map) or config.offload_folder is not None:
         raise ConfigError("this server does not allow offloading layers to disk")
 
@@ -161,6 +162,7 @@ def check_distill(policy: PublishPolicy, config: Any) -> Any:
     _cap(config.batch_size, policy.max_batch_size, "batch_size")
     _cap(config.eval_tokens, policy.max_eval_tokens, "eval_tokens")
     _cap(config.seq_len, policy.max_prompt_tokens, "seq_len")
+    _cap(config.data_parallel, policy.max_processes, "parallel processes")
     if config.text:
         return dataclasses.replace(config, text=policy.resolve_path(config.text, "training text"))
     return config

@@ -5,6 +5,17 @@ Symmetric: zero_point = 0, range [-2^(b-1), 2^(b-1) - 1], scale = max|x| / (2^(b
 Asymmetric: range [0, 2^b - 1], scale = (max - min) / (2^b - 1), zero_point = round(-min / scale),
 with min <= 0 <= max so that zero stays exactly representable.
 The weights are replaced by their dequantized values: accuracy changes, speed does not.
+
+Activations (the inputs of each Linear) are fake-quantized when `activations` is not `none`. Two choices are
+independent and spelled out separately, so that a comparison changes one of them at a time:
+* *when* the range is fixed: `static` calibrates it once on calibration text, before the model serves any input;
+  `dynamic` computes it from each call's own input at run time;
+* *over what* one range spans (`act_granularity`): `tensor`, one range for the whole input of a call (all rows of
+  the batch and all positions), or `token`, one range per token's activation vector.
+`static` with `token` is refused: a token's range is known only once its activations exist, so a range per token
+is dynamic by definition; calibration could only give a range per *position index*, which no position-invariant
+decoder layer has a reason to share between texts. (In decode one call holds one token per row, so per-tensor
+dynamic then spans the batch's rows, and at batch 1 it equals per-token.)
 """
 
 from __future__ import annotations
@@ -23,6 +34,8 @@ from workbench.techniques.base import ApplyContext, Expectation, TechniqueConfig
 
 logger = logging.getLogger(__name__)
 GRANULARITIES = ("per-tensor", "per-channel", "per-group")
+ACT_MODES = ("none", "dynamic", "static")
+ACT_GRANULARITIES = ("tensor", "token")
 
 
 def qrange(bits: int, symmetric: bool) -> tuple[int, int]:
@@ -91,32 +104,47 @@ class SimQuantConfig(TechniqueConfig):
     granularity: str = option("per-channel", "One range per tensor, per output channel, or per group of inputs.",
                               choices=GRANULARITIES)
     group_size: int = option(128, "Inputs per group (granularity per-group).", minimum=2, maximum=65536)
-    activations: str = option("none", "Also fake-quantize Linear inputs: none; dynamic (range of each token, "
-                              "computed at run time); static (one range per layer fixed from calibration text).",
-                              choices=("none", "dynamic", "static"))
+    activations: str = option("none", "Also fake-quantize Linear inputs: none; dynamic (range computed from each "
+                              "call's input at run time); static (range fixed once from calibration text).",
+                              choices=ACT_MODES)
+    act_granularity: str = option("tensor", "What one activation range spans: tensor (the whole input of a call, "
+                                  "per layer) or token (each token's vector; dynamic only — a calibrated range per "
+                                  "token does not exist).", choices=ACT_GRANULARITIES)
     activation_bits: int = option(8, "Bits per activation (activations dynamic/static).", minimum=2, maximum=16)
     calibration_tokens: int = option(2048, "Calibration tokens for static activation ranges.", minimum=16,
                                      maximum=1_000_000)
     include_lm_head: bool = option(False, "Also quantize the output projection (tied to the embeddings in many models).")
 
+    def validate(self) -> None:
+        """A static range is calibrated once, so it cannot follow each token."""
+        if self.activations == "static" and self.act_granularity == "token":
+            raise ValueError("act_granularity=token needs activations=dynamic: a static range is calibrated once, "
+                             "before any token is seen, so a range per token does not exist (use "
+                             "act_granularity=tensor)")
+
     def notes(self) -> str:
         """What the numbers mean."""
         act = "" if self.activations == "none" else (
-            f"; activations {self.activation_bits}-bit {self.activations} (hooks add run-time overhead)")
+            f"; activations {self.activation_bits}-bit {self.activations}, one range per {self.act_granularity} "
+            "(hooks add run-time overhead)")
         return (f"simulated: weights rounded to {self.bits}-bit {'symmetric' if self.symmetric else 'asymmetric'} "
                 f"{self.granularity} codes and stored back as floats{act} — accuracy changes, speed and memory do not")
 
 
 class _ActivationQuant:
-    """Forward pre-hook: fake-quantize a Linear's input per token (dynamic) or with a fixed range (static)."""
+    """Forward pre-hook: fake-quantize a Linear's input with a fixed range (static) or one computed from this call's
+    input (dynamic), per token or over the whole tensor."""
 
-    def __init__(self, bits: int, symmetric: bool, fixed: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
-        self.bits, self.symmetric, self.fixed = bits, symmetric, fixed
+    def __init__(self, bits: int, symmetric: bool, fixed: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 per_token: bool = False) -> None:
+        self.bits, self.symmetric, self.fixed, self.per_token = bits, symmetric, fixed, per_token
 
     def __call__(self, module: torch.nn.Module, args: tuple) -> tuple:
         x = args[0]  # (B, T, in)
-        if self.fixed is None:
+        if self.fixed is None and self.per_token:
             scale, zero = qparams(x.amin(-1, keepdim=True), x.amax(-1, keepdim=True), self.bits, self.symmetric)
+        elif self.fixed is None:  # one range over every row and position of this call
+            scale, zero = qparams(x.amin(), x.amax(), self.bits, self.symmetric)
         else:
             scale, zero = self.fixed
         return (fake_quant(x, scale.to(x.dtype), zero.to(x.dtype), self.bits, self.symmetric), *args[1:])
@@ -165,7 +193,8 @@ def apply_sim(config: SimQuantConfig, ctx: ApplyContext) -> None:
                 rng = fixed.get(name)
                 params = qparams(*rng, config.activation_bits, config.symmetric) if rng else None
                 if config.activations == "dynamic" or params is not None:
-                    layer.register_forward_pre_hook(_ActivationQuant(config.activation_bits, config.symmetric, params))
+                    layer.register_forward_pre_hook(_ActivationQuant(config.activation_bits, config.symmetric, params,
+                                                                     config.act_granularity == "token"))
             ctx.on_progress(f"quantized {name}", 0.5 + 0.5 * (i + 1) / len(layers))
     finite = [s for s in sqnrs if math.isfinite(s)]
     ctx.notes.append(f"{len(layers)} Linear layers; weight SQNR mean {sum(finite) / max(1, len(finite)):.1f} dB, "

@@ -143,7 +143,8 @@ class EnergyTracker(Tracker):
         if not present or len(present) < len(values):
             return None
         joules = sum(v.joules for v in present) if present[0].scope == "device" else present[0].joules
-        tokens, seconds = sum(v.tokens for v in present), max(v.seconds for v in present)
+        tokens = present[0].tokens if kind == "pipeline" else sum(v.tokens for v in present)  # stages: same tokens
+        seconds = max(v.seconds for v in present)
         return EnergyStats(joules / tokens if tokens else None, joules / seconds if seconds else None,
                            present[0].method + f"; {len(present)} ranks", joules, tokens, seconds, present[0].scope)
 

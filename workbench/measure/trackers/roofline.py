@@ -29,19 +29,18 @@ class RooflineTracker(Tracker):
         batch, prompt, new = len(run.prompt_ids), len(run.prompt_ids[0]), run.config.max_new_tokens
         per_step = run.engine.bytes_per_step(prompt, new, run.calls.kv_bytes)
         peak, peak_why = self.peak()
-        cfg, cuda = run.config, run.device.type == "cuda"
-        graphs = cuda and cfg.compile and (cfg.compile_mode or "reduce-overhead") in (
-            "reduce-overhead", "max-autotune")  # the CUDA default; a technique that breaks them warns on its own
+        cuda = run.device.type == "cuda"
         return roofline(bandwidth, per_step, batch, latency.decode_tokens_per_s, busy=self.busy(latency),
                         peak=peak, flops_per_step=run.engine.flops_per_step(prompt, new, batch),
-                        who="GPU" if cuda else "CPU", compiled=cfg.compile, cuda_graphs=graphs, peak_why=peak_why)
+                        who="GPU" if cuda else "CPU", compiled=run.engine.compiled_mode() is not None,
+                        cuda_graphs=run.engine.uses_cuda_graphs(), peak_why=peak_why)
 
     def busy(self, latency: LatencyStats) -> Busy:
         """The device's share of a decode step from one profiled call (unknown where it cannot be measured)."""
         run, who = self.run, "GPU" if self.run.device.type == "cuda" else "CPU"
         if getattr(run, "stopped", False):
             return Busy(None, None, 0, who, "the run was stopped before it could be profiled")
-        if run.config.tensor_parallel > 1 or run.config.data_parallel > 1:
+        if run.config.tensor_parallel > 1 or run.config.data_parallel > 1 or run.config.pipeline_parallel > 1:
             return Busy(None, None, 0, who, "a distributed run is not profiled (its ranks would have to profile "
                                             "one call together)")
         busy = profile_decode(run.engine, run.device, run.config.max_new_tokens,
