@@ -14,7 +14,7 @@ import pytest
 
 from test_app import ScriptedRunner, app  # noqa: F401 - app is a fixture
 from test_notebooks import kernel_env  # noqa: F401 - a fixture: a python3 kernel with its files in tmp_path
-from workbench import figures
+from widgets import figures
 from workbench.errors import ExportError
 from workbench.store import Store
 
@@ -159,7 +159,7 @@ def test_executed_notebook_exported_to_html_shows_every_figure(tmp_path, kernel_
     from nbclient import NotebookClient
     from nbconvert import HTMLExporter
 
-    cells = ["from workbench.figures import static_images\nstatic_images()",
+    cells = ["from widgets.figures import static_images\nstatic_images()",
              "import plotly.graph_objects as go\ngo.Figure(go.Bar(x=[1, 2], y=[3, 4])).show()",
              "fig = go.Figure(go.Scatter(x=[1, 2, 3], y=[2, 1, 2]))\nfig.show()"]
     nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in cells],

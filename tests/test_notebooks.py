@@ -22,7 +22,7 @@ CPU_LESSONS = ("04_parallelism", "06_engines")
 # Notebooks whose speed conclusions are computed (workbench.verdict) in code cells tagged "verdict"
 VERDICT_NOTEBOOKS = ("01_latency", "02_quantization", "03_pruning", "05_distillation", "06_engines", "07_hardware",
                      "08_decoding")
-# Notebooks whose setup cell calls workbench.figures.static_images(): executed, every figure carries a PNG too
+# Notebooks whose setup cell calls widgets.figures.static_images(): executed, every figure carries a PNG too
 STATIC_IMAGES = ("01_latency", "02_quantization", "03_pruning", "04_parallelism", "05_distillation", "06_engines",
                  "07_hardware", "08_decoding")
 
@@ -181,7 +181,7 @@ def _tagged_cell(path: Path, tag: str) -> str:
 
 def _static_images_possible() -> bool:
     """kaleido and a chromium are installed (without them, static_images() says why and figures stay interactive)."""
-    from workbench.figures import _static_problem
+    from widgets.figures import _static_problem
 
     return _static_problem() is None
 

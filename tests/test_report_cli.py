@@ -10,7 +10,7 @@ import pytest
 from test_app import fake_result
 from workbench.cli import main
 from workbench.config import RunConfig
-from workbench.report_html import parse_run_ids
+from widgets.report_html import parse_run_ids
 from workbench.store import Store
 
 

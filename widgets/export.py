@@ -111,7 +111,7 @@ class ExportPanel:
     def export_report(self) -> Path:
         """Write the report of the selected runs (the newest stored run when none is selected)."""
         from workbench.errors import ExportError
-        from workbench.report_html import write_report
+        from widgets.report_html import write_report
         from workbench.store import Store
 
         path = self._resolve(self.report_path.value.strip(), "report file")
@@ -130,7 +130,7 @@ class ExportPanel:
     def export_plots(self) -> list[Path]:
         """Write every plot on the page into the plots folder, one file each, in the chosen format."""
         from workbench.errors import ExportError
-        from workbench.figures import export_figure
+        from widgets.figures import export_figure
 
         folder = self._resolve(self.plots_folder.value.strip() or ".", "plots folder")
         if not folder.is_dir():

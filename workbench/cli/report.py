@@ -24,7 +24,7 @@ def add_report_parser(sub: Any) -> None:
 
 def cmd_report(args: argparse.Namespace) -> int:
     """Write the report; bad ids, paths or stores are one sentence on stderr."""
-    from workbench.report_html import write_report
+    from widgets.report_html import write_report
 
     try:
         path = write_report(args.run_ids, args.out, args.store)

@@ -17,10 +17,11 @@ from typing import Any
 
 from workbench import __version__
 from workbench.errors import ExportError, StoreError
-from workbench.figures import export_path, write_bytes
 from workbench.measure import tracker
 from workbench.result import RunResult
 from workbench.store import Store
+
+from widgets.figures import export_path, write_bytes
 
 logger = logging.getLogger(__name__)
 

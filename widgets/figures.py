@@ -4,8 +4,7 @@ PNG and SVG come from kaleido 1.x, which drives a Chrome-family browser over the
 (choreographer). The workbench never downloads a browser: it uses `$BROWSER_PATH` when set, else the system's
 chromium (Debian: `apt-get install chromium`), headless, without sandbox or GPU. One browser is started on first
 use and kept for the whole process (a background event loop owns it): starting chromium takes seconds, each
-figure after that well under one. plotly and kaleido are imported only here, lazily: the core stays importable
-without them.
+figure after that well under one. plotly and kaleido are imported lazily, on the first figure written.
 """
 
 from __future__ import annotations
