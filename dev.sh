@@ -5,6 +5,7 @@
 #   bash dev.sh run      set up, then one `workbench run` on the reference model, printed as a table
 #   bash dev.sh setup    only set up (.venv with torch, the package and its extras, llama.cpp; chromium)
 #   bash dev.sh llama-bench   build llama.cpp's llama-bench for this CPU (bench/engines.py); prints its path
+#   bash dev.sh gpu-site [DIR]  the packages a GPU machine without network lacks, in one folder (bench/gpu_check.sh)
 # Re-running is fast: the install is skipped while pyproject.toml and this script are unchanged.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -109,6 +110,27 @@ llama_bench() {
   echo "$dir/llama-bench"
 }
 
+# The packages a GPU machine without network access lacks for `bash bench/gpu_check.sh`, unpacked into one folder
+# it puts first on PYTHONPATH (copy the folder along with the checkout). bitsandbytes keeps only the library of the
+# GPU machine's CUDA (GPU_CUDA, default 130 for torch+cu130) and its CPU one: the whole wheel is 43 MB, the folder
+# about 24 MB with torchao. The wheels are pure Python or abi3: the folder serves the GPU machine's Python, whatever
+# this one is.
+GPU_SITE_PACKAGES=${GPU_SITE_PACKAGES:-"bitsandbytes==0.50.2 torchao==0.17.0 gguf==0.19.0"}
+gpu_site() {
+  local dir=${1:-.gpu-site} cuda=${GPU_CUDA:-130} tmp whl
+  tmp=$(mktemp -d)
+  # shellcheck disable=SC2086 # the package list is meant to split
+  "$VENV/bin/python" -m pip download -q --no-deps --only-binary=:all: --python-version "${GPU_PYTHON:-3.12}" \
+    --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 \
+    --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d "$tmp" $GPU_SITE_PACKAGES
+  rm -rf "$dir" && mkdir -p "$dir"
+  for whl in "$tmp"/*.whl; do "$VENV/bin/python" -m zipfile -e "$whl" "$dir"; done
+  find "$dir/bitsandbytes" -name 'libbitsandbytes_*.so' ! -name "libbitsandbytes_cuda$cuda.so" \
+    ! -name 'libbitsandbytes_cpu.so' -delete
+  rm -rf "$tmp" "$dir/test"  # torchao's wheel carries its own tests as a top-level package named `test`
+  echo "$dir: $(du -sh "$dir" | cut -f1) ($GPU_SITE_PACKAGES; bitsandbytes for CUDA ${cuda:0:2}.${cuda:2})"
+}
+
 case "${1:-demo}" in
   setup) setup; ensure_chromium ;;
   demo)
@@ -128,5 +150,6 @@ case "${1:-demo}" in
     "$VENV/bin/python" -m pytest "$@"
     ;;
   llama-bench) setup; llama_bench ;;
-  *) echo "usage: bash dev.sh [demo|test|run|setup|llama-bench] [extra args]" >&2; exit 2 ;;
+  gpu-site) setup; shift; gpu_site "$@" ;;
+  *) echo "usage: bash dev.sh [demo|test|run|setup|llama-bench|gpu-site] [extra args]" >&2; exit 2 ;;
 esac

@@ -24,9 +24,11 @@ tempfile.tempdir = None  # re-read TMPDIR
 
 import torch  # noqa: E402
 
-from workbench import logs  # noqa: E402
+from workbench import logs, paths  # noqa: E402
 
 logs.quiet_libraries()
+# The processes tests start (the CLI, torchrun ranks, notebook kernels) import this checkout's code, installed or not
+paths.share_import_path()
 # One intra-op thread: on a shared 2-core machine two threads per process oversubscribe the cores and
 # make the suite several times slower; results do not depend on it (timings are never asserted).
 torch.set_num_threads(1)

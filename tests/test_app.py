@@ -389,7 +389,7 @@ def test_real_core_through_the_app_fills_every_plot(app):
     assert w.sensitivity.last_report is not None and len(w.sensitivity.plots.heatmap.z) == 6
 
 
-def test_execution_panel_shows_where_layers_live_and_how_busy_ranks_were(app):
+def test_execution_panel_shows_where_layers_live_and_how_busy_ranks_were(app, tmp_path):
     from dataclasses import replace
 
     from workbench.result import ParallelInfo, RankInfo
@@ -407,10 +407,12 @@ def test_execution_panel_shows_where_layers_live_and_how_busy_ranks_were(app):
     w.wait(10)
     text = w.execution.value
     assert "Execution: split" in text and "87%" in text and "model.layers.1-2" in text and "3.0 MiB" in text
-    assert set(w.settings["Parallelism"].form.inputs) == {"device_map", "max_memory", "tensor_parallel",
-                                                          "data_parallel", "pipeline_parallel", "micro_batches"}
-    w.set_values(device_map="model.layers.0-2=disk")
+    assert set(w.settings["Parallelism"].form.inputs) == {"device_map", "max_memory", "offload_folder",
+                                                          "tensor_parallel", "data_parallel", "pipeline_parallel",
+                                                          "micro_batches"}
+    w.set_values(device_map="model.layers.0-2=disk", offload_folder=str(tmp_path / "offload"))
     assert w.config().device_map == "model.layers.0-2=disk"
+    assert w.config().offload_folder == str(tmp_path / "offload")
     w.set_values(compile=True)
     assert "compile needs kv_cache=static" in w.problems.value and w.run_button.disabled
 

@@ -5,14 +5,18 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from test_app import ScriptedRunner, app, fake_result  # noqa: F401 - app is a fixture
-from widgets.history import HistoryPanel
-from workbench.analysis import batch_series
-from workbench.config import RunConfig
-from workbench.events import MetricEvent
-from workbench.measure.trackers.energy import EnergyStats
-from workbench.result import EnvInfo
-from workbench.store import Store
+import pytest
+
+pytest.importorskip("ipywidgets", reason="the app extra is not installed (pip install -e '.[dev]')")
+
+from test_app import ScriptedRunner, app, fake_result  # noqa: E402,F401 - app is a fixture
+from widgets.history import HistoryPanel  # noqa: E402
+from workbench.analysis import batch_series  # noqa: E402
+from workbench.config import RunConfig  # noqa: E402
+from workbench.events import MetricEvent  # noqa: E402
+from workbench.measure.trackers.energy import EnergyStats  # noqa: E402
+from workbench.result import EnvInfo  # noqa: E402
+from workbench.store import Store  # noqa: E402
 
 NO_COUNTER = "no energy counter is readable on this machine: no RAPL package domain under /sys; energy is null"
 

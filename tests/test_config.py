@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -157,3 +161,22 @@ def test_the_technique_layer_sits_below_the_config():
              "print(sorted(m for m in ('workbench.config', 'workbench.result', 'workbench.textio') if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
+
+
+def test_children_import_the_workbench_this_process_imported(monkeypatch, tmp_path):
+    """A checkout that is not installed: its root goes first on PYTHONPATH, once; site-packages never does."""
+    import workbench
+    from workbench import paths
+
+    root = str(Path(workbench.__file__).resolve().parent.parent)
+    monkeypatch.setenv("PYTHONPATH", "/elsewhere")
+    paths.share_import_path()
+    paths.share_import_path()
+    assert os.environ["PYTHONPATH"] == os.pathsep.join([root, "/elsewhere"])
+    done = subprocess.run([sys.executable, "-c", "import workbench; print(workbench.__file__)"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip() == workbench.__file__
+    monkeypatch.delenv("PYTHONPATH")
+    monkeypatch.setattr(paths, "__file__", str(tmp_path / "site-packages" / "workbench" / "paths.py"))
+    paths.share_import_path()
+    assert "PYTHONPATH" not in os.environ

@@ -13,14 +13,17 @@ import time
 from pathlib import Path
 from urllib.parse import urlparse
 
-import psutil
 import pytest
-from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
-from tools.browser import browser, chromium_path, free_port, server, widget_button
-from workbench.config import RunConfig
-from workbench.serve.dashboard import DashboardConfig, environment, notebook_path, voila_command
-from workbench.store import Store
+pytest.importorskip("playwright", reason="the dev extra is not installed (pip install -e '.[dev]')")
+
+import psutil  # noqa: E402
+from playwright.sync_api import TimeoutError as PlaywrightTimeout  # noqa: E402
+
+from tools.browser import browser, chromium_path, free_port, server, widget_button  # noqa: E402
+from workbench.config import RunConfig  # noqa: E402
+from workbench.serve.dashboard import DashboardConfig, environment, notebook_path, voila_command  # noqa: E402
+from workbench.store import Store  # noqa: E402
 
 pytestmark = [pytest.mark.browser,
               pytest.mark.skipif(chromium_path() is None, reason="chromium is not installed (bash dev.sh setup)")]

@@ -5,7 +5,11 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import nbformat
+import pytest
+
+pytest.importorskip("nbformat", reason="the dev extra is not installed (pip install -e '.[dev]')")
+
+import nbformat  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 ERRATA = ROOT / "docs" / "errata.md"

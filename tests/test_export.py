@@ -9,14 +9,18 @@ import re
 import stat
 from pathlib import Path
 
-import plotly.graph_objects as go
 import pytest
 
-from test_app import ScriptedRunner, app  # noqa: F401 - app is a fixture
-from test_notebooks import kernel_env  # noqa: F401 - a fixture: a python3 kernel with its files in tmp_path
-from widgets import figures
-from workbench.errors import ExportError
-from workbench.store import Store
+pytest.importorskip("plotly", reason="the app extra is not installed (pip install -e '.[dev]')")
+pytest.importorskip("ipywidgets", reason="the app extra is not installed (pip install -e '.[dev]')")
+
+import plotly.graph_objects as go  # noqa: E402
+
+from test_app import ScriptedRunner, app  # noqa: E402,F401 - app is a fixture
+from test_notebooks import kernel_env  # noqa: E402,F401 - a fixture: a python3 kernel with its files in tmp_path
+from widgets import figures  # noqa: E402
+from workbench.errors import ExportError  # noqa: E402
+from workbench.store import Store  # noqa: E402
 
 needs_browser = pytest.mark.skipif(figures.browser_path() is None, reason="no chromium here (apt-get install chromium)")
 

@@ -15,8 +15,11 @@ from urllib.parse import urlparse
 
 import pytest
 
-from tools.browser import browser, chromium_path
-from widgets.figure import _BUNDLE, BUNDLE, LOADER, RESYNC, Figure, persist
+pytest.importorskip("ipywidgets", reason="the app extra is not installed (pip install -e '.[dev]')")
+pytest.importorskip("playwright", reason="the dev extra is not installed (pip install -e '.[dev]')")
+
+from tools.browser import browser, chromium_path  # noqa: E402
+from widgets.figure import _BUNDLE, BUNDLE, LOADER, RESYNC, Figure, persist  # noqa: E402
 
 WAIT_S = 1.0  # how long a hook waits for the other thread; with the figure's lock that thread waits instead
 

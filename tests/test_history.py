@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
-from test_app import fake_result
-from widgets.history import HistoryPanel
-from workbench.config import RunConfig
-from workbench.store import Store
+import pytest
+
+pytest.importorskip("ipywidgets", reason="the app extra is not installed (pip install -e '.[dev]')")
+
+from test_app import fake_result  # noqa: E402
+from widgets.history import HistoryPanel  # noqa: E402
+from workbench.config import RunConfig  # noqa: E402
+from workbench.store import Store  # noqa: E402
 
 
 def test_plot_and_table_show_the_same_runs_when_another_page_stores_one_between_the_reads(tmp_path, monkeypatch):

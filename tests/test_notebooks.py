@@ -4,16 +4,23 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import json
+import os
 import re
 import sys
+from datetime import datetime
 from pathlib import Path
 
-import nbformat
 import pytest
 
-from workbench.verdict import LINE as VERDICT_LINE
+pytest.importorskip("nbformat", reason="the dev extra is not installed (pip install -e '.[dev]')")
+
+import nbformat  # noqa: E402
+
+from workbench.verdict import LINE as VERDICT_LINE  # noqa: E402
 
 NOTEBOOKS_DIR = Path(__file__).resolve().parent.parent / "notebooks"
+ARTIFACTS = Path(os.environ.get("WORKBENCH_ARTIFACTS", Path(__file__).resolve().parent.parent / "test-artifacts"))
 # The numbered teaching notebooks; the dashboard (notebooks/dashboard.ipynb) is tested with the widgets.
 NOTEBOOKS = sorted(p for p in NOTEBOOKS_DIR.glob("0*.ipynb") if p.name != "dashboard.ipynb")
 _IDS = [p.stem for p in NOTEBOOKS]
@@ -242,6 +249,7 @@ def test_notebook_executes(path: Path, kernel_env: str):
     client = NotebookClient(nb, timeout=600, kernel_name=kernel_env,
                             resources={"metadata": {"path": str(NOTEBOOKS_DIR)}})
     client.execute()
+    record_cell_times(path.stem, nb)
     errors = [(i, out.get("ename"), out.get("evalue")) for i, c in enumerate(nb.cells) if c.cell_type == "code"
               for out in c.outputs if out.output_type == "error"]
     assert not errors, f"{path.name}: cells raised {errors}"
@@ -266,6 +274,23 @@ def test_notebook_executes(path: Path, kernel_env: str):
     silent = [i for i, c in enumerate(nb.cells) if "verdict" in c.metadata.get("tags", [])
               and not VERDICT_LINE.search("".join(o.get("text", "") for o in c.outputs if o.output_type == "stream"))]
     assert not silent, f"{path.name}: cells {silent} are tagged 'verdict' but printed no verdict line"
+
+
+def record_cell_times(name: str, nb: nbformat.NotebookNode) -> None:
+    """Each executed notebook's time and its five slowest cells in test-artifacts/notebooks.json (what to trim
+    when the suite outgrows its time budget)."""
+    times = []
+    for cell in nb.cells:
+        stamps = cell.get("metadata", {}).get("execution", {})
+        if "iopub.execute_input" in stamps and "shell.execute_reply" in stamps:
+            took = (datetime.fromisoformat(stamps["shell.execute_reply"].replace("Z", "+00:00"))
+                    - datetime.fromisoformat(stamps["iopub.execute_input"].replace("Z", "+00:00"))).total_seconds()
+            times.append((round(took, 1), cell.get("id", ""), (cell.source.strip().splitlines() or [""])[0][:80]))
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    path = ARTIFACTS / "notebooks.json"
+    data = json.loads(path.read_text()) if path.exists() else {}
+    data[name] = {"cells_s": round(sum(t for t, _, _ in times), 1), "slowest": sorted(times, reverse=True)[:5]}
+    path.write_text(json.dumps(data, indent=1))
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=_IDS)

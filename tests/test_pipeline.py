@@ -57,6 +57,13 @@ def test_more_stages_than_layers_is_refused_before_a_rank_starts():
     check_stages(RunConfig(model="tiny", pipeline_parallel=6, micro_batches=6, batch_size=6), 6)  # one layer each
 
 
+def test_a_model_that_is_not_a_llama_style_decoder_is_refused_before_a_rank_starts():
+    """Checked on the model built on the meta device: GPT-2 is refused by layout(), before any rank loads it."""
+    config = RunConfig(model="preset:gpt2-124m", pipeline_parallel=2, micro_batches=2, batch_size=2)
+    with pytest.raises(errors.ConfigError, match="GPT2LMHeadModel is not one: use data_parallel"):
+        d.layout(config)
+
+
 def test_cli_flags_reach_the_config():
     import argparse
 

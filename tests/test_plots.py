@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import json
 
-from test_app import app  # noqa: F401 - the app over a scripted runner (fixture)
-from widgets.figure import _BUNDLE, BUNDLE, LOADER, RESYNC, Figure
-from widgets.history_plot import ParetoPlot
+import pytest
+
+pytest.importorskip("ipywidgets", reason="the app extra is not installed (pip install -e '.[dev]')")
+
+from test_app import app  # noqa: E402,F401 - the app over a scripted runner (fixture)
+from widgets.figure import _BUNDLE, BUNDLE, LOADER, RESYNC, Figure  # noqa: E402
+from widgets.history_plot import ParetoPlot  # noqa: E402
 
 LIVE_AXES = ("xaxis", "yaxis", "yaxis2", "xaxis2", "yaxis3", "xaxis3", "yaxis4", "xaxis4", "yaxis5")
 

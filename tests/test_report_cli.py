@@ -7,11 +7,13 @@ import re
 
 import pytest
 
-from test_app import fake_result
-from workbench.cli import main
-from workbench.config import RunConfig
-from widgets.report_html import parse_run_ids
-from workbench.store import Store
+pytest.importorskip("ipywidgets", reason="the app extra is not installed (pip install -e '.[dev]')")
+
+from test_app import fake_result  # noqa: E402
+from workbench.cli import main  # noqa: E402
+from workbench.config import RunConfig  # noqa: E402
+from widgets.report_html import parse_run_ids  # noqa: E402
+from workbench.store import Store  # noqa: E402
 
 
 @pytest.fixture

@@ -228,7 +228,7 @@ def test_specs_are_parsed_once_when_the_config_is_built(monkeypatch, tiny):
         return original(spec)
 
     for module in list(sys.modules.values()):  # every module holding its own reference to parse_spec
-        if getattr(module, "parse_spec", None) is original and module.__name__.startswith(("workbench", "widgets")):
+        if module.__name__.startswith(("workbench", "widgets")) and getattr(module, "parse_spec", None) is original:
             monkeypatch.setattr(module, "parse_spec", counting)
     cfg = RunConfig(techniques=("magnitude:sparsity=0.5", "sim:bits=8"), device="cpu")
     assert calls == ["magnitude:sparsity=0.5", "sim:bits=8"]

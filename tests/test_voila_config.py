@@ -5,12 +5,16 @@ from __future__ import annotations
 import runpy
 from unittest import mock
 
-import tornado.httputil
-import tornado.web
+import pytest
 
-from traitlets.config import Config
+pytest.importorskip("tornado", reason="the app extra (voila) is not installed (pip install -e '.[dev]')")
 
-from workbench.serve.dashboard import VOILA_CONFIG, DashboardConfig, voila_command
+import tornado.httputil  # noqa: E402
+import tornado.web  # noqa: E402
+
+from traitlets.config import Config  # noqa: E402
+
+from workbench.serve.dashboard import VOILA_CONFIG, DashboardConfig, voila_command  # noqa: E402
 
 
 def test_the_dashboard_loads_its_voila_config_which_gives_each_page_its_xsrf_cookie():

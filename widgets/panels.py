@@ -170,8 +170,8 @@ SETTINGS_GROUPS = {
     "Workload": ["prompt", "prompt_tokens", "max_new_tokens", "batch_size", "seed"],
     "Execution": ["device", "engine", "threads", "interop_threads", "attn_implementation", "kv_cache", "kv_bits",
                   "kv_backend", "draft_model", "draft_tokens", "compile", "compile_mode"],
-    "Parallelism": ["device_map", "max_memory", "tensor_parallel", "data_parallel", "pipeline_parallel",
-                    "micro_batches"],
+    "Parallelism": ["device_map", "max_memory", "offload_folder", "tensor_parallel", "data_parallel",
+                    "pipeline_parallel", "micro_batches"],
     "Measurement": ["warmup", "repeats", "min_duration_s", "max_repeats", "token_events"],
     "Accuracy": ["eval_tokens", "eval_context"],
 }

@@ -14,6 +14,22 @@ def cache_dir() -> Path:
     return path
 
 
+def share_import_path() -> None:
+    """Make the processes this one starts (ranks, isolated sweep configurations) import this very `workbench`.
+
+    Started as `python -m workbench...`, a child finds the package only where Python looks by itself. Run from a
+    checkout that is not installed (pytest's `pythonpath`, a GPU machine without pip access) it would not: the
+    checkout's root goes first on PYTHONPATH, once. A package installed into site-packages is found already, and
+    that folder is never put on PYTHONPATH (it would come before the standard library).
+    """
+    root = str(Path(__file__).resolve().parent.parent)
+    if Path(root).name in ("site-packages", "dist-packages"):
+        return
+    parts = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if root not in parts:
+        os.environ["PYTHONPATH"] = os.pathsep.join([root, *parts])
+
+
 def compile_cache() -> Path:
     """torch.compile's cache folder: `$TORCHINDUCTOR_CACHE_DIR` if set, else one inside the workbench cache.
 

@@ -10,8 +10,8 @@ from typing import Any
 import torch
 
 from workbench.engines.base import Engine, EngineContext, Generation, register
-from workbench.engines.hf_compile import (WITHOUT_CUDA_GRAPHS, CompilePlan, compile_config, plan_compile,
-                                          was_compiled)
+from workbench.engines.hf_compile import (WITHOUT_CUDA_GRAPHS, CompilePlan, compile_config, fresh_compile_state,
+                                          plan_compile, was_compiled)
 from workbench.engines.hf_generate import Generator
 from workbench.engines.hf_kvquant import KVQuant
 from workbench.engines.hf_speculative import Speculation, own_greedy
@@ -147,6 +147,7 @@ class HFEngine(Engine):
                                                   self.compile_plan.mode is not None)]
         if self.compile_plan.mode is not None:
             compile_cache()
+            fresh_compile_state()
         return compile_config(self.compile_plan, device_type)
 
     def info(self) -> ModelInfo:

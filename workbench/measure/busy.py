@@ -143,7 +143,10 @@ def profile_decode(engine: Any, device: torch.device, new_tokens: int, tpot_ms: 
     try:
         profiler = torch.profiler.profile(
             activities=activities, schedule=torch.profiler.schedule(wait=first - 1, warmup=1, active=active, repeat=1),
-            on_trace_ready=lambda p: got.update(events=device_time(spans(p), who == "GPU")))
+            on_trace_ready=lambda p: got.update(events=device_time(spans(p), who == "GPU")),
+            # one cycle (repeat=1), so nothing accumulates; without it torch 2.11 warns on stderr that earlier
+            # cycles' events are dropped
+            acc_events=True)
         with profiler:
             engine.generate(ProfiledClock(device, profiler), want_cache=False, interruptible=False)
     except Exception as e:  # noqa: BLE001 - optional: any failure leaves the share unknown, with the reason

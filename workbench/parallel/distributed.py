@@ -15,6 +15,7 @@ import torch
 from workbench.config import RunConfig
 from workbench.errors import ConfigError
 from workbench.execution import cpu_cores, resolve_device
+from workbench.models.checks import meta_model
 from workbench.models.sources import load_config, resolve, text_config
 from workbench.parallel.coordinator import Coordinator
 
@@ -44,13 +45,28 @@ def share(rows: list[Any], rank: int, world: int) -> list[Any]:
     return rows[start:start + base + (1 if rank < extra else 0)]
 
 
+def not_a_pipeline_decoder(model: torch.nn.Module) -> str | None:
+    """Why pipeline stages cannot be cut from `model` (None: a Llama-style decoder they can be cut from)."""
+    base = getattr(model, "model", None)
+    parts = ("layers", "embed_tokens", "norm", "rotary_emb")
+    if base is None or not all(hasattr(base, p) for p in parts) or not hasattr(model, "lm_head"):
+        return (f"pipeline_parallel splits a Llama-style decoder (model.layers, embed_tokens, norm, rotary_emb, "
+                f"lm_head); {type(model).__name__} is not one: use data_parallel")
+    return None
+
+
 def check_stages(config: RunConfig, stages: int) -> None:
-    """Every stage needs at least one decoder layer (ConfigError naming the most stages the model allows)."""
-    text = text_config(load_config(resolve(config.model), config.trust_remote_code))
-    layers = getattr(text, "num_hidden_layers", None)
+    """Every stage needs at least one decoder layer, and the model must be a decoder the stages can be cut from
+    (checked on the model built on the meta device, before any rank starts); ConfigError in one sentence."""
+    model_config = load_config(resolve(config.model), config.trust_remote_code)
+    layers = getattr(text_config(model_config), "num_hidden_layers", None)
     if layers is not None and stages > layers:
         raise ConfigError(f"pipeline_parallel {stages} needs at least one decoder layer per stage, but "
                           f"{config.model} has {layers} layers: use at most {layers} stages")
+    meta = meta_model(model_config, config.trust_remote_code)  # None: cannot tell yet, the stage checks it
+    why = not_a_pipeline_decoder(meta) if meta is not None else None
+    if why:
+        raise ConfigError(why)
 
 
 def ranks_device(spec: str, setting: str, world: int, local: int) -> torch.device:

@@ -28,6 +28,7 @@ from workbench.errors import RunFailed
 from workbench.events import OnEvent, never_stop, no_event
 from workbench.parallel.distributed import layout
 from workbench.parallel.relay import Relay
+from workbench.paths import share_import_path
 from workbench.wire import event_from_wire
 from workbench.result import RunResult
 
@@ -80,7 +81,8 @@ class Ranks:
         self.thread = threading.Thread(target=self._run, name="workbench-ranks", daemon=True)
 
     def start(self) -> None:
-        """Start the launcher thread (returns at once)."""
+        """Start the launcher thread (returns at once); the ranks import the same `workbench` as this process."""
+        share_import_path()
         self.thread.start()
 
     def _run(self) -> None:

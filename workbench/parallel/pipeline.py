@@ -31,7 +31,7 @@ from workbench.config import RunConfig
 from workbench.engines.base import Generation
 from workbench.errors import ConfigError
 from workbench.measure.memory import cache_bytes
-from workbench.parallel.distributed import DistributedCoordinator, share
+from workbench.parallel.distributed import DistributedCoordinator, not_a_pipeline_decoder, share
 
 logger = logging.getLogger(__name__)
 
@@ -73,11 +73,10 @@ class PipelineGenerator:
     def __init__(self, model: torch.nn.Module, device: torch.device, config: RunConfig, prompt_ids: list[list[int]],
                  stop_requested: Any, rank: int, world: int, cpu_group: Any = None) -> None:
         """`cpu_group`: the gloo group small CPU tensors travel over (None: the default group is gloo)."""
-        base = getattr(model, "model", None)
-        parts = ("layers", "embed_tokens", "norm", "rotary_emb")
-        if base is None or not all(hasattr(base, p) for p in parts) or not hasattr(model, "lm_head"):
-            raise ConfigError(f"pipeline_parallel splits a Llama-style decoder (model.layers, embed_tokens, norm, "
-                              f"rotary_emb, lm_head); {type(model).__name__} is not one: use data_parallel")
+        why = not_a_pipeline_decoder(model)
+        if why:
+            raise ConfigError(why)
+        base = model.model
         self.model, self.base, self.device, self.stop_requested = model, base, device, stop_requested
         self.rank, self.world, self.config, self.cpu_group = rank, world, config, cpu_group
         self.layer_range = stage_layers(len(base.layers), world)[rank]

@@ -21,6 +21,7 @@ from typing import Any, TextIO
 
 from workbench.config import RunConfig
 from workbench.events import OnEvent
+from workbench.paths import share_import_path
 from workbench.store import Store
 from workbench.wire import event_from_wire
 
@@ -32,6 +33,7 @@ def run_isolated(config: RunConfig, store: Store, on_event: OnEvent, should_stop
     request = {"config": config.to_dict(), "store": str(store.path.resolve()),
                "log_level": logging.getLogger().getEffectiveLevel()}
     pipe = subprocess.PIPE
+    share_import_path()
     proc = subprocess.Popen([sys.executable, "-m", CHILD_MODULE], stdin=pipe, stdout=pipe, stderr=pipe,
                             text=True, start_new_session=True)  # a Ctrl-C in the terminal reaches only us
     tail: deque[str] = deque(maxlen=20)
