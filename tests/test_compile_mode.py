@@ -229,7 +229,7 @@ def test_max_autotune_gives_the_eager_tokens(fresh_tiny):
 
 
 @pytest.mark.slow
-def test_reduce_overhead_on_cpu_runs_compiled_and_says_so(fast, monkeypatch):
+def test_reduce_overhead_on_cpu_runs_compiled_and_says_so(fast):
     """...and every compiled run of a process compiles: earlier runs' variants do not use up torch's recompile limit
     (without a fresh compile state the second run below, another batch size, would run eager under a limit of 1)."""
     import torch._dynamo
@@ -239,16 +239,17 @@ def test_reduce_overhead_on_cpu_runs_compiled_and_says_so(fast, monkeypatch):
 
     settings = dict(max_new_tokens=4, eval_tokens=0, kv_cache="static", warmup=1)
     eager = run(fast(**settings))
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
     graphs = counters["stats"]["unique_graphs"]
-    compiled = run(fast(**settings, compile=True, compile_mode="reduce-overhead"))
+    # torch's own patch (a monkeypatch of its config module would delete the setting when undone)
+    with torch._dynamo.config.patch(recompile_limit=1):
+        compiled = run(fast(**settings, compile=True, compile_mode="reduce-overhead"))
+        assert counters["stats"]["unique_graphs"] == graphs + 1
+        run(fast(**settings, compile=True, batch_size=2))
+        assert counters["stats"]["unique_graphs"] == graphs + 2  # the second run compiled its own step
     assert compiled.outputs == eager.outputs
     assert sum("compile mode reduce-overhead means CUDA graphs" in w for w in compiled.warnings) == 1
     assert not any("did not compile the decode step" in w for w in compiled.warnings)  # transformers compiled it
     assert compiled.latency.cold_start_s > compiled.latency.e2e_ms.p50 / 1e3  # the first call compiled
-    assert counters["stats"]["unique_graphs"] == graphs + 1
-    run(fast(**settings, compile=True, batch_size=2))
-    assert counters["stats"]["unique_graphs"] == graphs + 2  # the second run compiled its own step
 
 
 @pytest.mark.gpu
