@@ -147,7 +147,9 @@ case "${1:-demo}" in
     setup
     ensure_chromium
     shift || true
-    "$VENV/bin/python" -m pytest "$@"
+    # Two workers (pytest-xdist): tests that wait (browsers, servers, subprocesses) overlap with ones that compute;
+    # WORKBENCH_TEST_WORKERS=0 runs them in this process. tests/conftest.py orders and groups the work.
+    "$VENV/bin/python" -m pytest -n "${WORKBENCH_TEST_WORKERS:-2}" --dist loadgroup --no-loadscope-reorder "$@"
     ;;
   llama-bench) setup; llama_bench ;;
   gpu-site) setup; shift; gpu_site "$@" ;;

@@ -34,10 +34,22 @@ paths.share_import_path()
 torch.set_num_threads(1)
 
 
+# The heaviest tests: each executes a teaching notebook in its own kernel (minutes each).
+NOTEBOOK_EXECUTIONS = "test_notebook_executes"
+
+
 def pytest_collection_modifyitems(config, items):
-    """`gpu` tests skip without CUDA (run them with `pytest -m gpu` on a GPU machine)."""
+    """`gpu` tests skip without CUDA (run them with `pytest -m gpu` on a GPU machine). Under pytest-xdist
+    (`bash dev.sh test` runs `-n 2 --dist loadgroup --no-loadscope-reorder`) a module's tests stay on one worker,
+    so its module-scoped fixtures are built once, while the notebook executions are scheduled one by one and
+    first: the longest work starts at once instead of leaving one worker alone with it at the end."""
     import torch
 
+    if config.pluginmanager.hasplugin("xdist"):
+        for item in items:
+            if item.originalname != NOTEBOOK_EXECUTIONS:
+                item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+        items.sort(key=lambda item: item.originalname != NOTEBOOK_EXECUTIONS)  # stable: the rest keep their order
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")

@@ -6,11 +6,8 @@ Screenshots and timings land in test-artifacts/ (or $WORKBENCH_ARTIFACTS).
 from __future__ import annotations
 
 import contextlib
-import json
-import os
 import re
 import time
-from pathlib import Path
 from urllib.parse import urlparse
 
 import pytest
@@ -20,6 +17,7 @@ pytest.importorskip("playwright", reason="the dev extra is not installed (pip in
 import psutil  # noqa: E402
 from playwright.sync_api import TimeoutError as PlaywrightTimeout  # noqa: E402
 
+from tools.artifacts import ARTIFACTS, record  # noqa: E402
 from tools.browser import browser, chromium_path, free_port, server, widget_button  # noqa: E402
 from workbench.config import RunConfig  # noqa: E402
 from workbench.serve.dashboard import DashboardConfig, environment, notebook_path, voila_command  # noqa: E402
@@ -27,7 +25,6 @@ from workbench.store import Store  # noqa: E402
 
 pytestmark = [pytest.mark.browser,
               pytest.mark.skipif(chromium_path() is None, reason="chromium is not installed (bash dev.sh setup)")]
-ARTIFACTS = Path(os.environ.get("WORKBENCH_ARTIFACTS", Path(__file__).resolve().parent.parent / "test-artifacts"))
 DEFAULTS = {"threads": 1, "warmup": 0, "repeats": 2, "min_duration_s": 0.0, "max_new_tokens": 16,
             "eval_tokens": 256, "eval_context": 64}
 POINTS_JS = """(title) => {
@@ -66,15 +63,6 @@ HISTORY_JS = """() => {
     t => [...t.querySelectorAll('th')].some(h => h.textContent === 'when (UTC)'));
   return {title, runs, rows: table ? table.querySelectorAll('tbody tr').length : -1};
 }"""
-
-
-def record(name: str, **values: object) -> None:
-    """Add measurements to test-artifacts/dashboard.json."""
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    path = ARTIFACTS / "dashboard.json"
-    data = json.loads(path.read_text()) if path.exists() else {}
-    data[name] = values
-    path.write_text(json.dumps(data, indent=1))
 
 
 @pytest.fixture(scope="module")
@@ -180,7 +168,8 @@ def test_page_renders_offline_with_the_history_drawn(page):
     assert page.page.locator(".annotation-text", has_text="no run yet").count() == 4
     page.page.wait_for_function(FULL_WIDTH_JS, timeout=30_000)
     page.screenshot("dashboard-loaded.png")
-    record("cold_start", seconds=round(page.cold_start_s, 2), blocked_requests=sorted(set(page.blocked)))
+    record("dashboard.json", "cold_start", seconds=round(page.cold_start_s, 2),
+           blocked_requests=sorted(set(page.blocked)))
 
 
 def finished_runs(page: Page) -> int:
@@ -227,8 +216,9 @@ def test_run_plots_tokens_while_it_runs_then_the_final_numbers(page):
     page.screenshot("dashboard-after-run.png")
     first_warm, _ = run_and_watch(page)  # the unmodified model's predictions are cached now
     # None: the browser drew no token before the run ended (a busy machine can delay the page that long)
-    record("run", click_to_first_plotted_token_s={"first_run": first_cold and round(first_cold, 2),
-                                                   "second_run": first_warm and round(first_warm, 2)},
+    record("dashboard.json", "run",
+           click_to_first_plotted_token_s={"first_run": first_cold and round(first_cold, 2),
+                                           "second_run": first_warm and round(first_warm, 2)},
            partial_counts_seen=len(growing), new_tokens=tokens)
 
 
@@ -248,7 +238,7 @@ def test_stop_ends_a_long_run(page):
     t0 = time.perf_counter()
     widget_button(page.page, "Stop").click()
     page.page.get_by_text(re.compile("stopped: partial result kept")).wait_for(timeout=60_000)
-    record("stop", click_to_stopped_s=round(time.perf_counter() - t0, 2))
+    record("dashboard.json", "stop", click_to_stopped_s=round(time.perf_counter() - t0, 2))
 
 
 def test_bad_model_id_shows_one_message(page):
@@ -276,7 +266,7 @@ def test_every_page_load_gets_its_own_kernel(dashboard, chromium):
         live = kernels()
         assert len(live) >= 2
         rss = sorted(p.memory_info().rss for p in live)
-        record("kernels", count=len(live), rss_mib=[round(r / 2**20) for r in rss])
+        record("dashboard.json", "kernels", count=len(live), rss_mib=[round(r / 2**20) for r in rss])
     finally:
         first.close()
         second.close()
@@ -360,7 +350,7 @@ def test_four_pages_at_once_each_plot_their_own_run(empty_dashboard, chromium):
                               [p.console[-20:] for p in pages])
         assert all(s["table_rows"] >= finished_runs(p) for s, p in zip(seen, pages))
         pages[0].screenshot("dashboard-four-pages.png")
-        record("four_pages", load_s=[round(p.cold_start_s, 1) for p in pages],
+        record("dashboard.json", "four_pages", load_s=[round(p.cold_start_s, 1) for p in pages],
                all_loaded_to_all_done_s=round(ran - loaded, 1))
     finally:
         for page in pages:

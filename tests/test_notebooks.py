@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ast
 import importlib.util
-import json
 import os
 import re
 import sys
@@ -17,10 +16,10 @@ pytest.importorskip("nbformat", reason="the dev extra is not installed (pip inst
 
 import nbformat  # noqa: E402
 
+from tools.artifacts import record  # noqa: E402
 from workbench.verdict import LINE as VERDICT_LINE  # noqa: E402
 
 NOTEBOOKS_DIR = Path(__file__).resolve().parent.parent / "notebooks"
-ARTIFACTS = Path(os.environ.get("WORKBENCH_ARTIFACTS", Path(__file__).resolve().parent.parent / "test-artifacts"))
 # The numbered teaching notebooks; the dashboard (notebooks/dashboard.ipynb) is tested with the widgets.
 NOTEBOOKS = sorted(p for p in NOTEBOOKS_DIR.glob("0*.ipynb") if p.name != "dashboard.ipynb")
 _IDS = [p.stem for p in NOTEBOOKS]
@@ -64,6 +63,10 @@ def kernel_env(tmp_path, monkeypatch) -> str:
                      ("HOME", "home")):  # chromium (static images of figures) writes under $HOME
         (tmp_path / sub).mkdir()
         monkeypatch.setenv(var, str(tmp_path / sub))
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        # Two test workers share the cores: a kernel with one intra-op thread per process, as conftest gives the
+        # workers themselves (two busy OpenMP pools on two cores made a notebook several times slower)
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
     from jupyter_client.kernelspec import KernelSpecManager
 
     spec = KernelSpecManager().get_kernel_spec("python3")
@@ -286,11 +289,8 @@ def record_cell_times(name: str, nb: nbformat.NotebookNode) -> None:
             took = (datetime.fromisoformat(stamps["shell.execute_reply"].replace("Z", "+00:00"))
                     - datetime.fromisoformat(stamps["iopub.execute_input"].replace("Z", "+00:00"))).total_seconds()
             times.append((round(took, 1), cell.get("id", ""), (cell.source.strip().splitlines() or [""])[0][:80]))
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    path = ARTIFACTS / "notebooks.json"
-    data = json.loads(path.read_text()) if path.exists() else {}
-    data[name] = {"cells_s": round(sum(t for t, _, _ in times), 1), "slowest": sorted(times, reverse=True)[:5]}
-    path.write_text(json.dumps(data, indent=1))
+    record("notebooks.json", name, cells_s=round(sum(t for t, _, _ in times), 1),
+           slowest=sorted(times, reverse=True)[:5])
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=_IDS)
