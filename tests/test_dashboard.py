@@ -173,11 +173,11 @@ def test_page_renders_offline_with_the_history_drawn(page):
 
 
 def finished_runs(page: Page) -> int:
-    """The run number of the last 'done: run N' status (0: none yet)."""
-    done = page.page.get_by_text(re.compile(r"done: run \d+"))
-    if not done.count():
-        return 0
-    return int(re.search(r"done: run (\d+)", done.first.inner_text()).group(1))
+    """The run number of the last 'done: run N' status (0: none yet). Read in one step, without waiting: the
+    status leaves 'done' when the next run starts, and a locator that waited for it would wait for the whole run."""
+    texts = page.page.get_by_text(re.compile(r"done: run \d+")).all_inner_texts()
+    found = re.search(r"done: run (\d+)", texts[0]) if texts else None
+    return int(found.group(1)) if found else 0
 
 
 def run_and_watch(page: Page, timeout: float = 240.0) -> tuple[float | None, list[int]]:
