@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -21,6 +22,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ["TMPDIR"] = str(_SESSION_TMP / "tmp")  # torchrun's ranks and their logs, compile workers
 (_SESSION_TMP / "tmp").mkdir()
 tempfile.tempdir = None  # re-read TMPDIR
+# The probes of this machine that the controller took before starting the workers (pytest_configure below)
+PROBE_FILES = ("bandwidth.json", "flops.json")
+_PROBED = os.environ.get("WORKBENCH_TEST_PROBES")
+if _PROBED and os.environ.get("PYTEST_XDIST_WORKER"):
+    (_SESSION_TMP / "cache").mkdir()
+    for _name in PROBE_FILES:
+        if (Path(_PROBED) / _name).is_file():
+            shutil.copy(Path(_PROBED) / _name, _SESSION_TMP / "cache" / _name)
 
 import torch  # noqa: E402
 
@@ -32,6 +41,27 @@ paths.share_import_path()
 # One intra-op thread: on a shared 2-core machine two threads per process oversubscribe the cores and
 # make the suite several times slower; results do not depend on it (timings are never asserted).
 torch.set_num_threads(1)
+
+
+def pytest_configure(config):
+    """Under pytest-xdist, probe this machine's read bandwidth and matmul FLOP/s once, in the controller, before the
+    workers start, and give every worker (and the kernels and CLI processes it starts) a copy of the probes.
+
+    A probe is kept only when the machine was calm while it ran (workbench.measure.probes). With two workers the
+    machine is never calm, so without this every run of the suite would probe again: about 5 s per run here."""
+    if hasattr(config, "workerinput") or not getattr(config.option, "numprocesses", None):
+        return  # a worker, or one process (its first run probes, calmly)
+    from workbench.measure.flops import probe_flops
+    from workbench.measure.roofline import probe_bandwidth
+    from workbench.paths import cache_dir
+
+    cpu = torch.device("cpu")
+    for threads in sorted({1, min(2, os.cpu_count() or 1)}):  # the workers' one thread; runs asking for two
+        torch.set_num_threads(threads)
+        probe_bandwidth(cpu)
+        probe_flops(cpu, "fp32")
+    torch.set_num_threads(1)
+    os.environ["WORKBENCH_TEST_PROBES"] = str(cache_dir())
 
 
 # The heaviest tests: each executes a teaching notebook in its own kernel (minutes each).

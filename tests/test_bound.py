@@ -272,6 +272,17 @@ def test_a_profiled_call_measures_the_cpu_kernel_share_of_each_step():
     assert capped.share == 1.0
 
 
+def test_the_profiled_call_reads_the_kineto_events_without_building_the_function_event_tree(monkeypatch):
+    """Building the profiler's FunctionEvent tree took 2-4 s per run (acc_events=True parses it as the trace stops);
+    the share is read from the raw kineto events, so the tree is never built."""
+    def parse(*args, **kwargs):
+        raise AssertionError("the FunctionEvent tree was built")
+
+    monkeypatch.setattr(torch.autograd.profiler.profile, "_parse_kineto_results", parse)
+    b = busy_mod.profile_decode(FakeEngine(tokens=6), CPU, 6, tpot_ms=1e6)
+    assert not b.failed and b.steps == 5 and b.share > 0, b.why
+
+
 def test_an_engine_the_profiler_cannot_see_or_a_failing_profiler_leaves_the_share_unknown():
     engine = FakeEngine(refusal="the llamacpp engine's kernels run outside PyTorch")
     b = busy_mod.profile_decode(engine, CPU, 4, tpot_ms=5.0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -249,3 +250,18 @@ def test_the_cuda_probe_takes_the_best_of_a_sum_and_a_copy(cache):
     bw = rl.probe_bandwidth(torch.device("cuda"))
     assert bw.method in rl.CUDA_METHODS and bw.bytes_per_s > 0 and not bw.uncertain
     assert _entry(cache)["buffer_bytes"] == rl.CUDA_BUFFER_BYTES
+
+
+@pytest.mark.skipif(not os.environ.get("PYTEST_XDIST_WORKER"), reason="only a pytest-xdist worker gets the probes")
+def test_a_test_worker_starts_with_the_probes_its_controller_took(session_tmp):
+    """conftest: under `-n 2` the controller probes once before the workers start, each worker serves the copies
+    (on a machine two workers keep busy, every run would otherwise probe again)."""
+    from conftest import PROBE_FILES
+
+    seeded = Path(os.environ["WORKBENCH_TEST_PROBES"])
+    for name in PROBE_FILES:
+        controller = json.loads((seeded / name).read_text())
+        worker = json.loads((session_tmp / "cache" / name).read_text())
+        assert controller and set(controller) <= set(worker), name
+    key = probes.machine_key(CPU)  # the workers' one thread
+    assert key in json.loads((seeded / "bandwidth.json").read_text())

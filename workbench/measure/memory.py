@@ -223,7 +223,8 @@ def available_bytes(device: torch.device) -> int:
 
 def _read_int(path: str) -> int | None:
     try:
-        text = open(path).read().strip()
+        with open(path) as f:  # closed at once (an unclosed file is a ResourceWarning per run)
+            text = f.read().strip()
     except OSError:
         return None
     return int(text) if text.isdigit() else None
