@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ast
 import importlib.util
-import os
 import re
 import sys
 from datetime import datetime
@@ -51,7 +50,8 @@ def kernel_env(tmp_path, monkeypatch) -> str:
     """A `python3` kernelspec that runs this interpreter, and the kernel's Jupyter/IPython files in tmp_path.
 
     The kernel inherits os.environ, so conftest's WORKBENCH_CACHE_DIR, HF_HUB_OFFLINE and
-    TORCHINDUCTOR_CACHE_DIR (temporary, offline) apply to it as well.
+    TORCHINDUCTOR_CACHE_DIR (temporary, offline) apply to it as well, and under pytest-xdist its OMP_NUM_THREADS=1
+    and OMP_WAIT_POLICY=PASSIVE (two busy OpenMP pools on two cores made a notebook several times slower).
     """
     from ipykernel.kernelspec import install
 
@@ -63,10 +63,6 @@ def kernel_env(tmp_path, monkeypatch) -> str:
                      ("HOME", "home")):  # chromium (static images of figures) writes under $HOME
         (tmp_path / sub).mkdir()
         monkeypatch.setenv(var, str(tmp_path / sub))
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        # Two test workers share the cores: a kernel with one intra-op thread per process, as conftest gives the
-        # workers themselves (two busy OpenMP pools on two cores made a notebook several times slower)
-        monkeypatch.setenv("OMP_NUM_THREADS", "1")
     from jupyter_client.kernelspec import KernelSpecManager
 
     spec = KernelSpecManager().get_kernel_spec("python3")
