@@ -19,6 +19,11 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["XDG_DATA_HOME"] = str(_SESSION_TMP / "data")
 os.environ["WORKBENCH_STORE"] = str(_SESSION_TMP / "results.sqlite")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ["TMPDIR"] = str(_SESSION_TMP / "tmp")  # torchrun's ranks and their logs, compile workers
+(_SESSION_TMP / "tmp").mkdir()
+tempfile.tempdir = None  # re-read TMPDIR
+# The probes of this machine that the controller took before starting the workers (pytest_configure below)
+PROBE_FILES = ("bandwidth.json", "flops.json")
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # Two workers share the cores. Every process a worker starts (CLI runs, torchrun ranks, sweep children, notebook
     # and Voila kernels) computes with one intra-op thread, like the workers themselves (below), and a run that asks
@@ -26,17 +31,11 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     # of preset:llama-124m made 2.3 tokens/s with spinning threads, 14.5 with sleeping ones, 27 alone.
     os.environ["OMP_NUM_THREADS"] = "1"
     os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
-os.environ["TMPDIR"] = str(_SESSION_TMP / "tmp")  # torchrun's ranks and their logs, compile workers
-(_SESSION_TMP / "tmp").mkdir()
-tempfile.tempdir = None  # re-read TMPDIR
-# The probes of this machine that the controller took before starting the workers (pytest_configure below)
-PROBE_FILES = ("bandwidth.json", "flops.json")
-_PROBED = os.environ.get("WORKBENCH_TEST_PROBES")
-if _PROBED and os.environ.get("PYTEST_XDIST_WORKER"):
+    _probed = Path(os.environ.get("WORKBENCH_TEST_PROBES") or _SESSION_TMP / "cache")  # the controller's folder
     (_SESSION_TMP / "cache").mkdir()
     for _name in PROBE_FILES:
-        if (Path(_PROBED) / _name).is_file():
-            shutil.copy(Path(_PROBED) / _name, _SESSION_TMP / "cache" / _name)
+        if (_probed / _name).is_file():
+            shutil.copy(_probed / _name, _SESSION_TMP / "cache" / _name)
 
 import torch  # noqa: E402
 
