@@ -135,12 +135,52 @@ def test_preset_shards_are_seeded_and_written_block_by_block(small_preset):
     shards, first = weights(0)
     _, again = weights(0)
     _, other = weights(1)
-    reference = AutoModelForCausalLM.from_config(load_config(small_preset)).state_dict()
-    assert shards > 2 and set(first) == set(reference)
-    assert all(torch.equal(first[k], again[k]) for k in first)
+    built = load_model(small_preset, "fp32", CPU, seed=0).model.state_dict()  # the whole model at once
+    assert shards > 2 and set(first) == set(built)
+    assert all(torch.equal(first[k], again[k]) and torch.equal(first[k], built[k]) for k in first)
     assert not torch.equal(first["model.layers.3.mlp.up_proj.weight"], other["model.layers.3.mlp.up_proj.weight"])
     w = first["model.layers.3.mlp.up_proj.weight"]
     assert abs(float(w.std()) - 0.02) < 0.002 and torch.equal(first["model.norm.weight"], torch.ones(64))
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_a_preset_draws_each_weight_once_with_the_buffers_and_ties_from_config_makes(name, monkeypatch):
+    """Built on the meta device, then drawn once by the model's own init: torch's default init never runs on a
+    real tensor (it was 40-45 % of a build), and the result is the model `from_config` makes (one layer, a small
+    vocabulary and MLP; the preset's attention shape, rope and ties)."""
+    from transformers import AutoModelForCausalLM
+
+    from workbench.models.preset_weights import build_preset
+
+    preset = PRESETS[name]
+    small = {"num_hidden_layers": 1, "n_layer": 1, "vocab_size": 1024, "intermediate_size": 256}
+    kwargs = dict(preset.kwargs, **{k: v for k, v in small.items() if k in dict(preset.kwargs)})
+    monkeypatch.setitem(PRESETS, "test-one-layer", Preset("test-one-layer", preset.config_class,
+                                                          tuple(sorted(kwargs.items())), "test"))
+    source = resolve("preset:test-one-layer")
+    torch.manual_seed(0)
+    reference = AutoModelForCausalLM.from_config(load_config(source))
+    default_inits = []  # the devices torch's own init ran on (layers' reset_parameters, GPT-2's Conv1D)
+    for function in ("kaiming_uniform_", "uniform_", "normal_"):
+        def recorded(tensor, *args, _real=getattr(torch.nn.init, function), **kwargs):
+            default_inits.append(tensor.device.type)
+            return _real(tensor, *args, **kwargs)
+
+        monkeypatch.setattr(torch.nn.init, function, recorded)
+    model = build_preset(source, "fp32", 0, "cpu")
+    assert default_inits and set(default_inits) == {"meta"}
+    assert dict(model.named_buffers()).keys() == dict(reference.named_buffers()).keys()
+    assert all(torch.equal(b, reference.get_buffer(k)) for k, b in model.named_buffers())
+    assert (model.get_output_embeddings().weight is model.get_input_embeddings().weight) == \
+        (reference.get_output_embeddings().weight is reference.get_input_embeddings().weight)
+    for k, p in model.named_parameters():
+        r = reference.get_parameter(k)
+        if float(r.std()) == 0:  # norms and biases: ones and zeros
+            assert torch.equal(p, r), k
+        else:
+            assert abs(float(p.std()) / float(r.std()) - 1) < 0.1, k
+    again = build_preset(source, "fp32", 0, "cpu").state_dict()
+    assert all(torch.equal(t, again[k]) for k, t in model.state_dict().items())
 
 
 def test_a_preset_is_quantized_while_loading(small_preset):

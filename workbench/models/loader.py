@@ -12,7 +12,7 @@ import torch
 
 from workbench.errors import ModelSourceError
 from workbench.models.checks import check_causal_lm
-from workbench.models.preset_weights import preset_folder, preset_shards
+from workbench.models.preset_weights import build_preset, preset_folder, preset_shards
 from workbench.models.sources import TINY_DIR, TORCH_DTYPES, ModelSource, _hub_kwargs, load_config, text_config
 
 logger = logging.getLogger(__name__)
@@ -92,10 +92,7 @@ def load_model(source: ModelSource, dtype: str, device: torch.device, *, trust_r
 
     torch_dtype = TORCH_DTYPES[dtype]
     if source.kind == "preset" and not extra and not at_load:
-        config = load_config(source)
-        torch.manual_seed(seed)
-        with torch.device(device):
-            model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype, attn_implementation=attn_implementation)
+        model = build_preset(source, dtype, seed, device, attn_implementation)
     else:
         check_causal_lm(load_config(source, trust_remote_code), source.spec)  # before a weight is read
         kwargs: dict[str, Any] = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code,
