@@ -146,14 +146,16 @@ def test_preset_shards_are_seeded_and_written_block_by_block(small_preset):
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_a_preset_draws_each_weight_once_with_the_buffers_and_ties_from_config_makes(name, monkeypatch):
     """Built on the meta device, then drawn once by the model's own init: torch's default init never runs on a
-    real tensor (it was 40-45 % of a build), and the result is the model `from_config` makes (one layer, a small
-    vocabulary and MLP; the preset's attention shape, rope and ties)."""
+    real tensor and a tied output head is not drawn (together 55 % of a build). The result is the model
+    `from_config` makes (one layer, a small vocabulary of a size no other weight has, a small MLP; the preset's
+    attention shape, rope and ties)."""
     from transformers import AutoModelForCausalLM
+    from transformers import initialization as hf_init
 
     from workbench.models.preset_weights import build_preset
 
     preset = PRESETS[name]
-    small = {"num_hidden_layers": 1, "n_layer": 1, "vocab_size": 1024, "intermediate_size": 256}
+    small = {"num_hidden_layers": 1, "n_layer": 1, "vocab_size": 1000, "intermediate_size": 256}
     kwargs = dict(preset.kwargs, **{k: v for k, v in small.items() if k in dict(preset.kwargs)})
     monkeypatch.setitem(PRESETS, "test-one-layer", Preset("test-one-layer", preset.config_class,
                                                           tuple(sorted(kwargs.items())), "test"))
@@ -167,12 +169,16 @@ def test_a_preset_draws_each_weight_once_with_the_buffers_and_ties_from_config_m
             return _real(tensor, *args, **kwargs)
 
         monkeypatch.setattr(torch.nn.init, function, recorded)
+    drawn = []  # the shapes transformers' init drew normal values into
+    monkeypatch.setitem(hf_init.TORCH_INIT_FUNCTIONS, "normal_", lambda tensor, *args, _real=hf_init.TORCH_INIT_FUNCTIONS[
+        "normal_"], **kwargs: drawn.append(tuple(tensor.shape)) or _real(tensor, *args, **kwargs))
     model = build_preset(source, "fp32", 0, "cpu")
     assert default_inits and set(default_inits) == {"meta"}
     assert dict(model.named_buffers()).keys() == dict(reference.named_buffers()).keys()
     assert all(torch.equal(b, reference.get_buffer(k)) for k, b in model.named_buffers())
-    assert (model.get_output_embeddings().weight is model.get_input_embeddings().weight) == \
-        (reference.get_output_embeddings().weight is reference.get_input_embeddings().weight)
+    tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    assert tied == (reference.get_output_embeddings().weight is reference.get_input_embeddings().weight)
+    assert drawn.count(tuple(model.get_input_embeddings().weight.shape)) == (1 if tied else 2)  # a tied head: once
     for k, p in model.named_parameters():
         r = reference.get_parameter(k)
         if float(r.std()) == 0:  # norms and biases: ones and zeros
