@@ -38,6 +38,39 @@ def test_a_missing_backend_names_the_pip_command(monkeypatch):
         check_backend("quanto", 8)
 
 
+
+_DEFERRED_HQQ = """
+import sys
+import torch
+import workbench.runner  # imports transformers.cache_utils, as every run does
+import transformers.cache_utils
+assert "hqq" not in sys.modules, "hqq was imported at start-up"
+from workbench.engines.hf_kvquant import KVQuant
+from workbench.models.loader import load_model
+from workbench.models.sources import resolve
+tiny = load_model(resolve("tiny"), "fp32", torch.device("cpu"))
+kv = KVQuant("auto", 4, "fp32")
+kv.plan(tiny.model.config, 1, 16, 4)
+assert "hqq" in sys.modules
+cache = kv._new(tiny.model.config)
+with torch.no_grad():
+    tiny.model(input_ids=torch.arange(16)[None], past_key_values=cache, use_cache=True)
+assert cache.layers[0]._quantized_keys is not None  # hqq quantized the prompt
+print("ok")
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("hqq") is None, reason="hqq (the kvquant extra) is not installed")
+def test_hqq_is_imported_only_when_a_run_quantizes_its_kv_cache():
+    """transformers imports hqq at start-up when it is installed (about 1.4 s per process); the workbench defers
+    it to the first hqq cache, which still quantizes."""
+    import subprocess
+    import sys
+
+    code = _DEFERRED_HQQ
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
 def _prefill(model, bits: int | None, tokens: int = 200):
     """The cache after one forward over `tokens` tokens: quantized (hqq, `bits`) or unquantized."""
     ids = torch.arange(tokens).unsqueeze(0) % 4000  # (1, T)

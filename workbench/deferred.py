@@ -1,0 +1,83 @@
+"""Imports a library makes at start-up that the workbench defers until they are used.
+
+transformers' `cache_utils` (imported by almost every transformers module) imports `hqq.core.quantize` at the
+top whenever hqq is installed (the `kvquant` extra: the quantized KV cache's default backend). hqq's module
+calls `torch.compile` while defining its classes, which cost every process that imports transformers about
+1.4 s here (`python -X importtime`; a CLI run of `tiny` took 11.6-12.1 s with it, 10.2-10.6 s without),
+whether or not it quantizes a KV cache. `install()` makes `cache_utils` load as if hqq were absent, and
+`hqq_quantizer()` gives it hqq's quantizer when a run asks for the hqq backend.
+"""
+
+from __future__ import annotations
+
+import importlib.abc
+import importlib.machinery
+import importlib.util
+import sys
+from typing import Any
+
+CACHE_UTILS = "transformers.cache_utils"
+
+
+class _WithoutHQQ(importlib.abc.Loader):
+    """Executes `transformers.cache_utils` with transformers' hqq check answering False."""
+
+    def __init__(self, loader: importlib.abc.Loader) -> None:
+        self.loader = loader
+
+    def create_module(self, spec: importlib.machinery.ModuleSpec) -> Any:
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module: Any) -> None:
+        import transformers.utils as utils
+
+        available = utils.is_hqq_available
+
+        def absent(*args: Any, **kwargs: Any) -> bool:
+            return False
+
+        utils.is_hqq_available = absent  # `cache_utils` imports the name and asks it at its top
+        try:
+            self.loader.exec_module(module)
+        finally:
+            utils.is_hqq_available = available
+            if getattr(module, "is_hqq_available", None) is absent:  # asked again when an hqq layer is made
+                module.is_hqq_available = available
+
+
+class _Finder(importlib.abc.MetaPathFinder):
+    """Finds `transformers.cache_utils` once, the usual way, and wraps its loader."""
+
+    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> importlib.machinery.ModuleSpec | None:
+        if fullname != CACHE_UTILS:
+            return None
+        uninstall()
+        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
+        if spec is None or spec.loader is None or importlib.util.find_spec("hqq") is None:
+            return spec
+        spec.loader = _WithoutHQQ(spec.loader)
+        return spec
+
+
+_FINDER = _Finder()
+
+
+def install() -> None:
+    """Defer hqq's import, unless `transformers.cache_utils` is already imported (then nothing is gained)."""
+    if CACHE_UTILS not in sys.modules and _FINDER not in sys.meta_path:
+        sys.meta_path.insert(0, _FINDER)
+
+
+def uninstall() -> None:
+    if _FINDER in sys.meta_path:
+        sys.meta_path.remove(_FINDER)
+
+
+def hqq_quantizer() -> None:
+    """Give `transformers.cache_utils` hqq's quantizer (its hqq backend reads the module-level name)."""
+    import transformers.cache_utils as cache_utils
+
+    if not hasattr(cache_utils, "HQQQuantizer"):
+        from hqq.core.quantize import Quantizer
+
+        cache_utils.HQQQuantizer = Quantizer
