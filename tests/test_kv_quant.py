@@ -39,6 +39,41 @@ def test_a_missing_backend_names_the_pip_command(monkeypatch):
 
 
 
+class _Loader:
+    """Stands in for `cache_utils`' loader: imports transformers' hqq check as the module does, and asks it."""
+
+    def __init__(self) -> None:
+        self.seen: list[bool] = []
+
+    def create_module(self, spec):
+        return None
+
+    def exec_module(self, module) -> None:
+        import transformers.utils
+
+        check = getattr(transformers.utils, "is_hqq_available", None)
+        if check is not None:
+            module.is_hqq_available = check
+            self.seen.append(check())
+
+
+def test_the_deferral_hides_hqq_only_while_cache_utils_loads(monkeypatch):
+    import types
+
+    import transformers.utils
+
+    from workbench import deferred
+
+    real, module, loader = transformers.utils.is_hqq_available, types.SimpleNamespace(), _Loader()
+    deferred._WithoutHQQ(loader).exec_module(module)
+    assert loader.seen == [False]  # at the module's top: hqq looks absent
+    assert transformers.utils.is_hqq_available is real and module.is_hqq_available is real  # asked again later
+    monkeypatch.delattr(transformers.utils, "is_hqq_available")  # another transformers: loaded as it is
+    other = _Loader()
+    deferred._WithoutHQQ(other).exec_module(types.SimpleNamespace())
+    assert other.seen == []
+
+
 _DEFERRED_HQQ = """
 import sys
 import torch

@@ -31,7 +31,10 @@ class _WithoutHQQ(importlib.abc.Loader):
     def exec_module(self, module: Any) -> None:
         import transformers.utils as utils
 
-        available = utils.is_hqq_available
+        available = getattr(utils, "is_hqq_available", None)
+        if available is None:  # another transformers: load it as it is
+            self.loader.exec_module(module)
+            return
 
         def absent(*args: Any, **kwargs: Any) -> bool:
             return False
