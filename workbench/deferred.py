@@ -2,9 +2,10 @@
 
 transformers' `cache_utils` (imported by almost every transformers module) imports `hqq.core.quantize` at the
 top whenever hqq is installed (the `kvquant` extra: the quantized KV cache's default backend). hqq's module
-calls `torch.compile` while defining its classes, which cost every process that imports transformers about
-1.4 s here (`python -X importtime`; a CLI run of `tiny` took 11.6-12.1 s with it, 10.2-10.6 s without),
-whether or not it quantizes a KV cache. `install()` makes `cache_utils` load as if hqq were absent, and
+calls `torch.compile` while defining its classes, which cost every process that imports transformers, whether
+or not it quantizes a KV cache: on 2 CPU cores `import workbench.runner` took 4.2-4.6 s with it and 1.9-2.3 s
+without, and a CLI run of `tiny` 12.2 s with it and 10.7 s without (medians; torch's compiler is imported
+later in a run anyway). `install()` makes `cache_utils` load as if hqq were absent, and
 `hqq_quantizer()` gives it hqq's quantizer when a run asks for the hqq backend.
 """
 
