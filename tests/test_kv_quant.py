@@ -7,6 +7,7 @@ import importlib.util
 import pytest
 import torch
 
+from workbench import deferred
 from workbench.config import RunConfig
 from workbench.engines import hf_kvquant
 from workbench.engines.hf_kvquant import KVQuant, check_backend
@@ -62,8 +63,6 @@ def test_the_deferral_hides_hqq_only_while_cache_utils_loads(monkeypatch):
 
     import transformers.utils
 
-    from workbench import deferred
-
     real, module, loader = transformers.utils.is_hqq_available, types.SimpleNamespace(), _Loader()
     deferred._WithoutHQQ(loader).exec_module(module)
     assert loader.seen == [False]  # at the module's top: hqq looks absent
@@ -72,6 +71,15 @@ def test_the_deferral_hides_hqq_only_while_cache_utils_loads(monkeypatch):
     other = _Loader()
     deferred._WithoutHQQ(other).exec_module(types.SimpleNamespace())
     assert other.seen == []
+
+
+def test_a_finder_that_refuses_hqq_reads_as_hqq_absent(monkeypatch):
+    """A GPU image without the kvquant extra (tests/test_bench_gpu.py blocks it with a finder that raises)."""
+    def refuse(name, package=None):
+        raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+
+    monkeypatch.setattr(deferred.importlib.util, "find_spec", refuse)
+    assert deferred._installed("hqq") is False
 
 
 _DEFERRED_HQQ = """
@@ -95,7 +103,7 @@ print("ok")
 """
 
 
-@pytest.mark.skipif(importlib.util.find_spec("hqq") is None, reason="hqq (the kvquant extra) is not installed")
+@pytest.mark.skipif(not deferred._installed("hqq"), reason="hqq (the kvquant extra) is not installed")
 def test_hqq_is_imported_only_when_a_run_quantizes_its_kv_cache():
     """transformers imports hqq at start-up when it is installed (about 1.4 s per process); the workbench defers
     it to the first hqq cache, which still quantizes."""

@@ -49,6 +49,13 @@ class _WithoutHQQ(importlib.abc.Loader):
                 module.is_hqq_available = available
 
 
+def _installed(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):  # a finder that refuses the name, a module without a spec
+        return False
+
+
 class _Finder(importlib.abc.MetaPathFinder):
     """Finds `transformers.cache_utils` once, the usual way, and wraps its loader."""
 
@@ -57,7 +64,7 @@ class _Finder(importlib.abc.MetaPathFinder):
             return None
         uninstall()
         spec = importlib.machinery.PathFinder.find_spec(fullname, path)
-        if spec is None or spec.loader is None or importlib.util.find_spec("hqq") is None:
+        if spec is None or spec.loader is None or not _installed("hqq"):
             return spec
         spec.loader = _WithoutHQQ(spec.loader)
         return spec
