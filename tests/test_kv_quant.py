@@ -39,7 +39,6 @@ def test_a_missing_backend_names_the_pip_command(monkeypatch):
         check_backend("quanto", 8)
 
 
-
 class _Loader:
     """Stands in for `cache_utils`' loader: imports transformers' hqq check as the module does, and asks it."""
 
@@ -75,6 +74,7 @@ def test_the_deferral_hides_hqq_only_while_cache_utils_loads(monkeypatch):
 
 def test_a_finder_that_refuses_hqq_reads_as_hqq_absent(monkeypatch):
     """A GPU image without the kvquant extra (tests/test_bench_gpu.py blocks it with a finder that raises)."""
+
     def refuse(name, package=None):
         raise ModuleNotFoundError(f"No module named {name!r}", name=name)
 
@@ -105,14 +105,14 @@ print("ok")
 
 @pytest.mark.skipif(not deferred._installed("hqq"), reason="hqq (the kvquant extra) is not installed")
 def test_hqq_is_imported_only_when_a_run_quantizes_its_kv_cache():
-    """transformers imports hqq at start-up when it is installed (about 1.4 s per process); the workbench defers
-    it to the first hqq cache, which still quantizes."""
+    """transformers imports hqq at start-up when it is installed (1.5-2.3 s per process); the workbench defers it
+    to the first hqq cache, which still quantizes."""
     import subprocess
     import sys
 
-    code = _DEFERRED_HQQ
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    done = subprocess.run([sys.executable, "-c", _DEFERRED_HQQ], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
 
 def _prefill(model, bits: int | None, tokens: int = 200):
     """The cache after one forward over `tokens` tokens: quantized (hqq, `bits`) or unquantized."""

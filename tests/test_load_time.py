@@ -170,8 +170,12 @@ def test_a_preset_draws_each_weight_once_with_the_buffers_and_ties_from_config_m
 
         monkeypatch.setattr(torch.nn.init, function, recorded)
     drawn = []  # the shapes transformers' init drew normal values into
-    monkeypatch.setitem(hf_init.TORCH_INIT_FUNCTIONS, "normal_", lambda tensor, *args, _real=hf_init.TORCH_INIT_FUNCTIONS[
-        "normal_"], **kwargs: drawn.append(tuple(tensor.shape)) or _real(tensor, *args, **kwargs))
+
+    def normal_(tensor, *args, _real=hf_init.TORCH_INIT_FUNCTIONS["normal_"], **kwargs):
+        drawn.append(tuple(tensor.shape))
+        return _real(tensor, *args, **kwargs)
+
+    monkeypatch.setitem(hf_init.TORCH_INIT_FUNCTIONS, "normal_", normal_)
     model = build_preset(source, "fp32", 0, "cpu")
     assert default_inits and set(default_inits) == {"meta"}
     assert dict(model.named_buffers()).keys() == dict(reference.named_buffers()).keys()

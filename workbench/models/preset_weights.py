@@ -25,7 +25,8 @@ from workbench.models.sources import TORCH_DTYPES, load_config
 SHARD_BYTES = 2 << 30  # blocks are grouped into safetensors files of about this size
 
 
-def _seeded_blocks(model: torch.nn.Module, device: torch.device | str, seed: int) -> Iterator[tuple[str, torch.nn.Module]]:
+def _seeded_blocks(model: torch.nn.Module, device: torch.device | str,
+                   seed: int) -> Iterator[tuple[str, torch.nn.Module]]:
     """Materialise a model built on the meta device block by block on `device`, each block initialised by the
     model's own `_init_weights` (the distributions `from_config` draws from, in its order: children before their
     parent), seeded by `seed`. Yields each (prefix, block) once it holds its weights. A weight tied to another
