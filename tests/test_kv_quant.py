@@ -58,6 +58,7 @@ class _Loader:
 
 
 def test_the_deferral_hides_hqq_only_while_cache_utils_loads(monkeypatch):
+    import copy
     import types
 
     import transformers.utils
@@ -66,6 +67,8 @@ def test_the_deferral_hides_hqq_only_while_cache_utils_loads(monkeypatch):
     deferred._WithoutHQQ(loader).exec_module(module)
     assert loader.seen == [False]  # at the module's top: hqq looks absent
     assert transformers.utils.is_hqq_available is real and module.is_hqq_available is real  # asked again later
+    stand_in = module.HQQQuantizer
+    assert copy.copy(stand_in).module is module  # special names are not hqq's: no import, no recursion
     monkeypatch.delattr(transformers.utils, "is_hqq_available")  # another transformers: loaded as it is
     other = _Loader()
     deferred._WithoutHQQ(other).exec_module(types.SimpleNamespace())
@@ -87,18 +90,17 @@ import sys
 import torch
 import workbench.runner  # imports transformers.cache_utils, as every run does
 import transformers.cache_utils
+from transformers.cache_utils import QuantizedCache
 assert "hqq" not in sys.modules, "hqq was imported at start-up"
-from workbench.engines.hf_kvquant import KVQuant
 from workbench.models.loader import load_model
 from workbench.models.sources import resolve
 tiny = load_model(resolve("tiny"), "fp32", torch.device("cpu"))
-kv = KVQuant("auto", 4, "fp32")
-kv.plan(tiny.model.config, 1, 16, 4)
-assert "hqq" in sys.modules
-cache = kv._new(tiny.model.config)
+cache = QuantizedCache(backend="hqq", config=tiny.model.config, nbits=4)  # transformers' own API, as a notebook would
 with torch.no_grad():
     tiny.model(input_ids=torch.arange(16)[None], past_key_values=cache, use_cache=True)
 assert cache.layers[0]._quantized_keys is not None  # hqq quantized the prompt
+from hqq.core.quantize import Quantizer
+assert transformers.cache_utils.HQQQuantizer is Quantizer  # the stand-in gave way to hqq's class
 print("ok")
 """
 
@@ -106,7 +108,7 @@ print("ok")
 @pytest.mark.skipif(not deferred._installed("hqq"), reason="hqq (the kvquant extra) is not installed")
 def test_hqq_is_imported_only_when_a_run_quantizes_its_kv_cache():
     """transformers imports hqq at start-up when it is installed (1.5-2.3 s per process); the workbench defers it
-    to the first hqq cache, which still quantizes."""
+    to the first hqq cache layer that quantizes, whoever makes the cache."""
     import subprocess
     import sys
 

@@ -5,8 +5,9 @@ top whenever hqq is installed (the `kvquant` extra: the quantized KV cache's def
 calls `torch.compile` while defining its classes, which cost every process that imports transformers, whether
 or not it quantizes a KV cache: on 2 CPU cores `import workbench.runner` took 4.2-4.6 s with it and 1.9-2.3 s
 without, and a CLI run of `tiny` 12.2 s with it and 10.7 s without (medians; torch's compiler is imported
-later in a run anyway). `install()` makes `cache_utils` load as if hqq were absent, and
-`hqq_quantizer()` gives it hqq's quantizer when a run asks for the hqq backend.
+later in a run anyway). `install()` makes `cache_utils` load as if hqq were absent and gives it a stand-in
+for hqq's quantizer, which imports hqq the first time an hqq cache layer uses it: the workbench's own runs and any
+other code in the process (a notebook calling `generate` with an hqq cache) get hqq when they quantize.
 """
 
 from __future__ import annotations
@@ -47,6 +48,24 @@ class _WithoutHQQ(importlib.abc.Loader):
             utils.is_hqq_available = available
             if getattr(module, "is_hqq_available", None) is absent:  # asked again when an hqq layer is made
                 module.is_hqq_available = available
+        if not hasattr(module, "HQQQuantizer"):  # the name its hqq layers use
+            module.HQQQuantizer = _HQQQuantizer(module)
+
+
+class _HQQQuantizer:
+    """Stands in for `hqq.core.quantize.Quantizer` in `cache_utils` until an hqq layer uses it (its `quantize`,
+    `dequantize`, `cuda`): then imports hqq, puts the real class in its place, and answers from it."""
+
+    def __init__(self, module: Any) -> None:
+        self.module = module
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):  # copy and pickle probe special names: not hqq's
+            raise AttributeError(name)
+        from hqq.core.quantize import Quantizer
+
+        self.module.HQQQuantizer = Quantizer
+        return getattr(Quantizer, name)
 
 
 def _installed(name: str) -> bool:
@@ -83,12 +102,3 @@ def uninstall() -> None:
     if _FINDER in sys.meta_path:
         sys.meta_path.remove(_FINDER)
 
-
-def hqq_quantizer() -> None:
-    """Give `transformers.cache_utils` hqq's quantizer (its hqq backend reads the module-level name)."""
-    import transformers.cache_utils as cache_utils
-
-    if not hasattr(cache_utils, "HQQQuantizer"):
-        from hqq.core.quantize import Quantizer
-
-        cache_utils.HQQQuantizer = Quantizer

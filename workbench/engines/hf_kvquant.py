@@ -24,7 +24,6 @@ from typing import Any
 
 import torch
 
-from workbench import deferred
 from workbench.errors import ConfigError
 from workbench.measure.accuracy import EVAL_BATCH, EvalWindows
 from workbench.measure.trackers.decoding import KVQuantStats
@@ -82,17 +81,11 @@ class KVQuant:
     def _new(self, model_config: Any) -> Any:
         from transformers.cache_utils import QuantizedCache
 
-        self._backend_ready()
         return QuantizedCache(backend=self.backend, config=model_config, nbits=self.bits, q_group_size=GROUP_SIZE,
                               residual_length=RESIDUAL_LENGTH)
 
-    def _backend_ready(self) -> None:
-        if self.backend == "hqq":  # its import was deferred at start-up (workbench.deferred)
-            deferred.hqq_quantizer()
-
     def config_kwargs(self) -> dict[str, Any]:
         """GenerationConfig settings; the cache_config dict is new each call (transformers 5.17 pops its keys)."""
-        self._backend_ready()
         return {"cache_implementation": "quantized",
                 "cache_config": {"backend": self.backend, "nbits": self.bits, "q_group_size": GROUP_SIZE,
                                  "residual_length": RESIDUAL_LENGTH}}
