@@ -517,6 +517,24 @@ def test_run_and_stop_are_the_only_buttons_of_those_names(app):
     assert labels.count("Run") == 1 and labels.count("Stop") == 1  # what DESIGN.md and the browser tests look for
 
 
+def test_a_view_registered_before_the_first_app_keeps_the_built_in_views(monkeypatch):
+    """The view modules were imported only while no view was registered: a user's view registered first (or this
+    module's probe view, when its test built the worker's first app) hid every built-in one."""
+    import sys
+
+    from widgets import views
+
+    class ProbeView(views.View):
+        section = "probe"
+
+    views.views()  # the real registry holds the built-in views, whatever this test imports again below
+    for name in [m for m in sys.modules if m.startswith("widgets.views.")]:
+        monkeypatch.delitem(sys.modules, name)  # as in a fresh process (put back afterwards)
+    monkeypatch.setattr(views, "VIEWS", {"probe": ProbeView})
+    sections = [v.section for v in views.views()]
+    assert "probe" in sections and "energy" in sections and len(sections) > 2
+
+
 def test_each_section_is_drawn_by_its_registered_view(app, monkeypatch):
     """No if/elif over section names: a view registered for a section gets its events; energy has its line."""
     from dataclasses import replace as changed

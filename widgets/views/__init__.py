@@ -48,8 +48,8 @@ def register(cls: type[View]) -> type[View]:
 
 
 def views() -> list[type[View]]:
-    """Every registered view class, in order (importing the modules of this package on first use)."""
-    if not VIEWS:
-        for info in pkgutil.iter_modules(__path__):
-            importlib.import_module(f"{__name__}.{info.name}")
+    """Every registered view class, in order. The modules of this package are imported on every call (a dict lookup
+    once imported): a view registered before the first call (a user's own) must not hide the built-in ones."""
+    for info in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{info.name}")
     return sorted(VIEWS.values(), key=lambda v: (v.order, v.section))
