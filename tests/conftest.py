@@ -70,6 +70,13 @@ def pytest_configure(config):
     os.environ["WORKBENCH_TEST_PROBES"] = str(cache_dir())
 
 
+def pytest_unconfigure(config):
+    """Remove this process's test folder (caches, GGUF files, compiled code, pytest's tmp_path folders under its
+    TMPDIR): each worker and the controller made one, and every run of the suite used to leave them behind
+    (64 folders, 17 GB in this machine's /tmp after a few days of runs)."""
+    shutil.rmtree(_SESSION_TMP, ignore_errors=True)
+
+
 # The heaviest tests: each executes a teaching notebook in its own kernel (minutes each).
 NOTEBOOK_EXECUTIONS = "test_notebook_executes"
 

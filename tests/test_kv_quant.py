@@ -7,7 +7,6 @@ import importlib.util
 import pytest
 import torch
 
-from workbench import deferred
 from workbench.config import RunConfig
 from workbench.engines import hf_kvquant
 from workbench.engines.hf_kvquant import KVQuant, check_backend
@@ -37,83 +36,6 @@ def test_a_missing_backend_names_the_pip_command(monkeypatch):
         check_backend("hqq", 4)
     with pytest.raises(ConfigError, match="stores 2 or 4 bits"):
         check_backend("quanto", 8)
-
-
-class _Loader:
-    """Stands in for `cache_utils`' loader: imports transformers' hqq check as the module does, and asks it."""
-
-    def __init__(self) -> None:
-        self.seen: list[bool] = []
-
-    def create_module(self, spec):
-        return None
-
-    def exec_module(self, module) -> None:
-        import transformers.utils
-
-        check = getattr(transformers.utils, "is_hqq_available", None)
-        if check is not None:
-            module.is_hqq_available = check
-            self.seen.append(check())
-
-
-def test_the_deferral_hides_hqq_only_while_cache_utils_loads(monkeypatch):
-    import copy
-    import types
-
-    import transformers.utils
-
-    real, module, loader = transformers.utils.is_hqq_available, types.SimpleNamespace(), _Loader()
-    deferred._WithoutHQQ(loader).exec_module(module)
-    assert loader.seen == [False]  # at the module's top: hqq looks absent
-    assert transformers.utils.is_hqq_available is real and module.is_hqq_available is real  # asked again later
-    stand_in = module.HQQQuantizer
-    assert copy.copy(stand_in).module is module  # special names are not hqq's: no import, no recursion
-    monkeypatch.delattr(transformers.utils, "is_hqq_available")  # another transformers: loaded as it is
-    other = _Loader()
-    deferred._WithoutHQQ(other).exec_module(types.SimpleNamespace())
-    assert other.seen == []
-
-
-def test_a_finder_that_refuses_hqq_reads_as_hqq_absent(monkeypatch):
-    """A GPU image without the kvquant extra (tests/test_bench_gpu.py blocks it with a finder that raises)."""
-
-    def refuse(name, package=None):
-        raise ModuleNotFoundError(f"No module named {name!r}", name=name)
-
-    monkeypatch.setattr(deferred.importlib.util, "find_spec", refuse)
-    assert deferred._installed("hqq") is False
-
-
-_DEFERRED_HQQ = """
-import sys
-import torch
-import workbench.runner  # imports transformers.cache_utils, as every run does
-import transformers.cache_utils
-from transformers.cache_utils import QuantizedCache
-assert "hqq" not in sys.modules, "hqq was imported at start-up"
-from workbench.models.loader import load_model
-from workbench.models.sources import resolve
-tiny = load_model(resolve("tiny"), "fp32", torch.device("cpu"))
-cache = QuantizedCache(backend="hqq", config=tiny.model.config, nbits=4)  # transformers' own API, as a notebook would
-with torch.no_grad():
-    tiny.model(input_ids=torch.arange(16)[None], past_key_values=cache, use_cache=True)
-assert cache.layers[0]._quantized_keys is not None  # hqq quantized the prompt
-from hqq.core.quantize import Quantizer
-assert transformers.cache_utils.HQQQuantizer is Quantizer  # the stand-in gave way to hqq's class
-print("ok")
-"""
-
-
-@pytest.mark.skipif(not deferred._installed("hqq"), reason="hqq (the kvquant extra) is not installed")
-def test_hqq_is_imported_only_when_a_run_quantizes_its_kv_cache():
-    """transformers imports hqq at start-up when it is installed (1.5-2.3 s per process); the workbench defers it
-    to the first hqq cache layer that quantizes, whoever makes the cache."""
-    import subprocess
-    import sys
-
-    done = subprocess.run([sys.executable, "-c", _DEFERRED_HQQ], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
 
 
 def _prefill(model, bits: int | None, tokens: int = 200):

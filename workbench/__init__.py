@@ -4,4 +4,4 @@ from workbench import deferred
 
 __version__ = "0.1.0"
 
-deferred.install()  # hqq's import at transformers' start-up waits until a run uses it (1.5-2.3 s per process)
+deferred.install()  # hqq, torchao and scipy, imported by transformers at start-up, wait until they are used

@@ -1,39 +1,106 @@
 """Imports a library makes at start-up that the workbench defers until they are used.
 
-transformers' `cache_utils` (imported by almost every transformers module) imports `hqq.core.quantize` at the
-top whenever hqq is installed (the `kvquant` extra: the quantized KV cache's default backend). hqq's module
-calls `torch.compile` while defining its classes, which cost every process that imports transformers, whether
-or not it quantizes a KV cache: on 2 CPU cores `import workbench.runner` took 4.2-4.6 s with it and 1.9-2.3 s
-without, and a CLI run of `tiny` 12.2 s with it and 10.7 s without (medians; torch's compiler is imported
-later in a run anyway). `install()` makes `cache_utils` load as if hqq were absent and gives it a stand-in
-for hqq's quantizer, which imports hqq the first time an hqq cache layer uses it: the workbench's own runs and any
-other code in the process (a notebook calling `generate` with an hqq cache) get hqq when they quantize.
+transformers modules that every run imports import optional libraries at their top whenever they are installed:
+- `cache_utils` (imported by almost every transformers module) imports `hqq.core.quantize` (the `kvquant` extra:
+  the quantized KV cache's default backend). hqq's module calls `torch.compile` while defining its classes: on
+  2 CPU cores `import workbench.runner` took 4.2-4.6 s with it and 1.9-2.3 s without, and a CLI run of `tiny`
+  12.2 s with it and 10.7 s without (medians; torch's compiler is imported later in a run anyway).
+- `quantizers.quantizer_torchao` (imported with `modeling_utils`, so by every model load) imports torchao's
+  safetensors helpers, and with them torchao, which probes its compiled kernels and logs what it cannot load.
+- six `loss` modules (also imported with `modeling_utils`) import scipy's `linear_sum_assignment` for the losses
+  of object-detection models; `scipy.optimize` alone took 0.34 s.
+
+`install()` makes each of these modules load as if its library were absent: transformers' availability check
+(`is_hqq_available`, `is_torchao_available`, `is_scipy_available`) answers False while the module's top runs,
+and is restored for every later call. Each name the module would have imported under that check gets a stand-in
+that imports the library the first time it is used (an attribute, a call) and then puts the real object in its
+place. So the workbench's own runs and any other code in the process (a notebook calling `generate` with an hqq
+cache, or saving a torchao-quantized model) get the library when they use it. A module whose guarded block does
+anything but `from X import Y` (or that has an `else:` branch) loads as it is: only imports can be deferred safely.
 """
 
 from __future__ import annotations
 
+import ast
+import importlib
 import importlib.abc
 import importlib.machinery
 import importlib.util
+import re
 import sys
+import textwrap
 from typing import Any
 
-CACHE_UTILS = "transformers.cache_utils"
+# transformers' module (or every module of a package, a name ending in ".") -> the availability check (in
+# `transformers.utils`) guarding its import of the library
+DEFERRED = {"transformers.cache_utils": "is_hqq_available",
+            "transformers.quantizers.quantizer_torchao": "is_torchao_available",
+            "transformers.loss.": "is_scipy_available"}
 
 
-class _WithoutHQQ(importlib.abc.Loader):
-    """Executes `transformers.cache_utils` with transformers' hqq check answering False."""
+def guarded_imports(source: str, check: str) -> dict[str, tuple[str, str]] | None:
+    """What a module's top-level `if check():` blocks import: {name: (module, attribute)}; None when there is no
+    such block, or one does anything but absolute `from X import Y`, or is followed by `elif`/`else`."""
+    names: dict[str, tuple[str, str]] = {}
+    for match in re.finditer(rf"^if {re.escape(check)}\(\):[ \t]*\n((?:[ \t]+\S.*\n|[ \t]*\n)+)(\S*)", source,
+                             re.MULTILINE):
+        if match.group(2).startswith(("elif", "else")):
+            return None
+        try:
+            body = ast.parse(textwrap.dedent(match.group(1))).body
+        except SyntaxError:
+            return None
+        for node in body:
+            if not isinstance(node, ast.ImportFrom) or node.level or not node.module:
+                return None
+            names.update({a.asname or a.name: (node.module, a.name) for a in node.names if a.name != "*"})
+    return names or None
 
-    def __init__(self, loader: importlib.abc.Loader) -> None:
-        self.loader = loader
+
+class _Deferred:
+    """Stands in for `module.name` (`from source import attribute`) until it is used: an attribute (hqq's
+    `Quantizer.quantize`) or a call (torchao's `flatten_tensor_state_dict(...)`) imports `source`, puts the real
+    object in the module under `name`, and answers from it."""
+
+    def __init__(self, module: Any, name: str, source: str, attribute: str) -> None:
+        self.module, self.name, self.source, self.attribute = module, name, source, attribute
+
+    def resolve(self) -> Any:
+        real = getattr(importlib.import_module(self.source), self.attribute)
+        setattr(self.module, self.name, real)
+        return real
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):  # copy and pickle probe special names: not the library's
+            raise AttributeError(name)
+        return getattr(self.resolve(), name)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.resolve()(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"<deferred: from {self.source} import {self.attribute}>"
+
+
+class _WithoutLibrary(importlib.abc.Loader):
+    """Executes a module with transformers' availability `check` answering False, then gives each name in
+    `names` (what the module imports under the check) a `_Deferred` stand-in."""
+
+    def __init__(self, loader: importlib.abc.Loader, check: str, names: dict[str, tuple[str, str]]) -> None:
+        self.loader, self.check, self.names = loader, check, names
 
     def create_module(self, spec: importlib.machinery.ModuleSpec) -> Any:
         return self.loader.create_module(spec)
 
+    def __getattr__(self, name: str) -> Any:  # get_source, get_filename...: inspect and tracebacks read the file
+        if name.startswith("__") or name == "loader":  # copy and pickle probe special names before __init__
+            raise AttributeError(name)
+        return getattr(self.loader, name)
+
     def exec_module(self, module: Any) -> None:
         import transformers.utils as utils
 
-        available = getattr(utils, "is_hqq_available", None)
+        available = getattr(utils, self.check, None)
         if available is None:  # another transformers: load it as it is
             self.loader.exec_module(module)
             return
@@ -41,31 +108,16 @@ class _WithoutHQQ(importlib.abc.Loader):
         def absent(*args: Any, **kwargs: Any) -> bool:
             return False
 
-        utils.is_hqq_available = absent  # `cache_utils` imports the name and asks it at its top
+        setattr(utils, self.check, absent)  # the module imports the name and asks it at its top
         try:
             self.loader.exec_module(module)
         finally:
-            utils.is_hqq_available = available
-            if getattr(module, "is_hqq_available", None) is absent:  # asked again when an hqq layer is made
-                module.is_hqq_available = available
-        if not hasattr(module, "HQQQuantizer"):  # the name its hqq layers use
-            module.HQQQuantizer = _HQQQuantizer(module)
-
-
-class _HQQQuantizer:
-    """Stands in for `hqq.core.quantize.Quantizer` in `cache_utils` until an hqq layer uses it (its `quantize`,
-    `dequantize`, `cuda`): then imports hqq, puts the real class in its place, and answers from it."""
-
-    def __init__(self, module: Any) -> None:
-        self.module = module
-
-    def __getattr__(self, name: str) -> Any:
-        if name.startswith("__"):  # copy and pickle probe special names: not hqq's
-            raise AttributeError(name)
-        from hqq.core.quantize import Quantizer
-
-        self.module.HQQQuantizer = Quantizer
-        return getattr(Quantizer, name)
+            setattr(utils, self.check, available)
+            if getattr(module, self.check, None) is absent:  # asked again when the library is used
+                setattr(module, self.check, available)
+        for name, (source, attribute) in self.names.items():
+            if not hasattr(module, name):
+                setattr(module, name, _Deferred(module, name, source, attribute))
 
 
 def _installed(name: str) -> bool:
@@ -75,17 +127,32 @@ def _installed(name: str) -> bool:
         return False
 
 
+def check_for(fullname: str) -> str | None:
+    """The availability check guarding `fullname`'s deferred import, or None when it is not deferred."""
+    for name, check in DEFERRED.items():
+        if fullname == name or (name.endswith(".") and fullname.startswith(name)):
+            return check
+    return None
+
+
 class _Finder(importlib.abc.MetaPathFinder):
-    """Finds `transformers.cache_utils` once, the usual way, and wraps its loader."""
+    """Finds each module of `DEFERRED` the usual way, and wraps its loader when its library is installed and its
+    guarded block only imports."""
 
     def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> importlib.machinery.ModuleSpec | None:
-        if fullname != CACHE_UTILS:
+        check = check_for(fullname)
+        if check is None:
             return None
-        uninstall()
         spec = importlib.machinery.PathFinder.find_spec(fullname, path)
-        if spec is None or spec.loader is None or not _installed("hqq"):
+        if spec is None or not isinstance(spec.loader, importlib.machinery.SourceFileLoader):
             return spec
-        spec.loader = _WithoutHQQ(spec.loader)
+        try:
+            names = guarded_imports(spec.loader.get_source(fullname) or "", check)
+        except (ImportError, OSError, UnicodeDecodeError):
+            return spec
+        if names is None or not all(_installed(source.partition(".")[0]) for source, _ in names.values()):
+            return spec  # nothing to defer, or a library that is absent: transformers' own check says so
+        spec.loader = _WithoutLibrary(spec.loader, check, names)
         return spec
 
 
@@ -93,12 +160,11 @@ _FINDER = _Finder()
 
 
 def install() -> None:
-    """Defer hqq's import, unless `transformers.cache_utils` is already imported (then nothing is gained)."""
-    if CACHE_UTILS not in sys.modules and _FINDER not in sys.meta_path:
+    """Defer the libraries of the `DEFERRED` modules imported from now on (an imported one has already paid)."""
+    if _FINDER not in sys.meta_path:
         sys.meta_path.insert(0, _FINDER)
 
 
 def uninstall() -> None:
     if _FINDER in sys.meta_path:
         sys.meta_path.remove(_FINDER)
-
