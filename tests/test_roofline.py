@@ -114,8 +114,57 @@ def test_busy_probes_keep_their_best_until_a_calm_one_arrives(cache, monkeypatch
     m.others = 2.0
     rl.probe_bandwidth(CPU)
     m.values["fp32 sum"] = 3e9
-    bw = rl.probe_bandwidth(CPU)
+    bw = rl.probe_bandwidth(CPU, refresh=True)
     assert (bw.bytes_per_s, bw.probes, bw.uncertain) == (5e9, 2, True) and "2 busy probe(s)" in bw.explanation
+
+
+def test_while_the_machine_stays_busy_an_uncertain_probe_is_served_until_ten_minutes_have_passed(cache, monkeypatch):
+    """A probe on a busy machine reads too low and slows the runs that keep it busy: a later call probes again
+    when the load has dropped, and while it has not, only RETRY_BUSY_AFTER_S after the last probe."""
+    monkeypatch.setattr(probes, "LOAD_SAMPLE_S", 0.0)
+    m = Machine(monkeypatch, {"fp32 sum": 5e9})
+    m.others = 1.6
+    rl.probe_bandwidth(CPU)
+    written = cache.read_text()
+    bw = rl.probe_bandwidth(CPU)  # still busy: served, not probed, the cache file untouched
+    assert m.calls == 1 and (bw.bytes_per_s, bw.probes, bw.uncertain) == (5e9, 1, True)
+    assert "Not probed again for this run: other processes used 1.6 of 2 CPUs just now, 0 s after the last probe" \
+        in bw.explanation and "10 minutes after the last probe" in bw.explanation
+    assert cache.read_text() == written
+    _age(cache, probes.RETRY_BUSY_AFTER_S - 60)  # probed_at is not aged: still within ten minutes of it
+    rl.probe_bandwidth(CPU)
+    assert m.calls == 1
+    data = json.loads(cache.read_text())
+    for entry in data.values():
+        entry["probed_at"] -= probes.RETRY_BUSY_AFTER_S + 1
+    cache.write_text(json.dumps(data))
+    m.values["fp32 sum"] = 6e9
+    bw = rl.probe_bandwidth(CPU)  # ten minutes on, probed even though busy: the better busy value is kept
+    assert m.calls == 2 and (bw.bytes_per_s, bw.probes, bw.uncertain) == (6e9, 2, True)
+    assert "Not probed again" not in bw.explanation
+    m.others, m.values["fp32 sum"] = 0.0, 22e9
+    bw = rl.probe_bandwidth(CPU)  # calm again: probed at once, and the calm value replaces the busy ones
+    assert m.calls == 3 and (bw.bytes_per_s, bw.probes, bw.uncertain) == (22e9, 1, False)
+
+
+def test_the_flops_probe_is_deferred_the_same_way(tmp_path, monkeypatch):
+    from workbench.measure import flops
+
+    monkeypatch.setenv("WORKBENCH_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(probes, "LOAD_SAMPLE_S", 0.0)
+    m = Machine(monkeypatch, {"fp32 sum": 5e9})
+    m.others = 1.6
+    calls = []
+
+    def probe(device, dtype):
+        calls.append(dtype)
+        return {"version": flops._CACHE_VERSION, "flops_per_s": 1e11, "size": 64, "dtype": dtype,
+                "measured_at": time.time(), "probes": 1, "uncertain": True, "why": "other processes used 1.6 of 2 CPUs"}
+
+    monkeypatch.setattr(flops, "_probe", probe)
+    flops.probe_flops(CPU, "fp32")
+    peak = flops.probe_flops(CPU, "fp32")
+    assert calls == ["fp32"] and peak.uncertain and "Not probed again for this run" in peak.explanation
 
 
 def test_calm_probes_keep_the_best_within_a_day_and_are_refreshed_after_it(cache, monkeypatch):

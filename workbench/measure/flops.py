@@ -10,7 +10,7 @@ weight bytes.
 CPU its size doubles from 256 until one call takes `TARGET_S` (a slow dtype, such as bf16 without native
 support, stays small and cheap); on a GPU it is 8192. It is cached like the bandwidth probe
 (`workbench.measure.probes`: calm probes per machine, thread count and dtype, busy ones uncertain and probed
-again) in `flops.json` next to `bandwidth.json`.
+again once the machine is calm) in `flops.json` next to `bandwidth.json`.
 """
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ def _explain(entry: dict) -> str:
     text = (f"Peak {human_flops(entry['flops_per_s'])} from a {entry['size']}x{entry['size']} {entry['dtype']} "
             f"matmul, the best of {entry['probes']} {calm} probe(s) within a day.")
     if entry["uncertain"]:
-        return text + f" Uncertain: {entry['why']}, so the ridge may be too low."
+        return text + f" Uncertain: {entry['why']}, so the ridge may be too low." + probes.deferred_sentence(entry)
     return text
 
 

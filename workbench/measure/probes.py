@@ -2,10 +2,11 @@
 
 A probe is only as good as the machine was calm while it ran. `cpu_times` / `busy_reason` watch the other
 processes' CPU use around a probe: a probe taken on a busy machine is kept only as *uncertain* (contention
-lowers it) and is taken again on the next call; a calm probe is cached per machine (and thread count, and
+lowers it) and taken again once the machine is calm; a calm probe is cached per machine (and thread count, and
 whatever else the caller puts in its key) in one JSON file of the cache folder and refreshed after a day.
 Each entry holds its value under its own key (`bytes_per_s`, `flops_per_s`) next to `measured_at`, `probes`,
-`uncertain` and `why`.
+`uncertain` and `why`. An uncertain entry is probed again on the next call only when the machine is calm by then,
+or `RETRY_BUSY_AFTER_S` after its last probe (`probed_at`); until then a call serves it with `deferred` saying why.
 """
 
 from __future__ import annotations
@@ -27,6 +28,11 @@ logger = logging.getLogger(__name__)
 
 BUSY_SHARE = 0.1  # a probe is uncertain when other processes used more than this share of all CPUs during it
 REMEASURE_AFTER_S = 24 * 3600
+# An uncertain entry is probed again on the next call when the machine is calm (watched for LOAD_SAMPLE_S first),
+# and while it stays busy only once this long after the last probe: a probe on a busy machine reads too low anyway
+# and lengthens every run (a bandwidth probe took 1.3 s next to a one-thread decode on 2 cores, up to 2.5 s loaded).
+RETRY_BUSY_AFTER_S = 600
+LOAD_SAMPLE_S = 0.25
 
 
 def best_seconds(fn: Callable[[], object], repeats: int, device: torch.device) -> float:
@@ -56,7 +62,8 @@ def cpu_times() -> tuple[float, float, float] | None:
     return busy / os.sysconf("SC_CLK_TCK"), own.user + own.system, time.monotonic()
 
 
-def busy_reason(before: tuple[float, float, float] | None, after: tuple[float, float, float] | None) -> str | None:
+def busy_reason(before: tuple[float, float, float] | None, after: tuple[float, float, float] | None,
+                during: str = "during the probe") -> str | None:
     """Why the machine was too busy for a trustworthy probe between two `cpu_times()`, or None when it was calm."""
     if before is None or after is None or after[2] <= before[2]:
         return None
@@ -64,7 +71,14 @@ def busy_reason(before: tuple[float, float, float] | None, after: tuple[float, f
     others = max(0.0, (after[0] - before[0]) - (after[1] - before[1])) / (after[2] - before[2])  # CPUs on average
     if others <= BUSY_SHARE * cpus:
         return None
-    return f"other processes used {others:.1f} of {cpus} CPUs during the probe"
+    return f"other processes used {others:.1f} of {cpus} CPUs {during}"
+
+
+def busy_now() -> str | None:
+    """Why the machine is too busy to probe right now (other processes' CPU use over LOAD_SAMPLE_S), or None."""
+    before = cpu_times()
+    time.sleep(LOAD_SAMPLE_S)
+    return busy_reason(before, cpu_times(), "just now")
 
 
 def machine_key(device: torch.device) -> str:
@@ -82,6 +96,14 @@ def valid(entry: object, version: int, value: str, fields: dict[str, type | tupl
     return (isinstance(entry, dict) and entry.get("version") == version
             and isinstance(entry.get(value), (int, float)) and math.isfinite(entry[value]) and entry[value] > 0
             and all(isinstance(entry.get(k), t) for k, t in {**common, **fields}.items()))
+
+
+def deferred_sentence(entry: dict) -> str:
+    """' Not probed again for this run: ...' when a call served an uncertain entry without probing, else ''."""
+    if not entry.get("deferred"):
+        return ""
+    return (f" Not probed again for this run: {entry['deferred']}; a run probes again once the machine is calm, "
+            f"or {RETRY_BUSY_AFTER_S // 60} minutes after the last probe.")
 
 
 def merge(old: dict | None, new: dict, value: str) -> dict:
@@ -121,10 +143,15 @@ def cached(file: str, key: str, value: str, is_valid: Callable[[object], bool], 
         cache = {}
     cache = cache if isinstance(cache, dict) else {}
     old = cache.get(key) if is_valid(cache.get(key)) else None
-    if (old is not None and not old["uncertain"] and not refresh
-            and time.time() - old["measured_at"] < REMEASURE_AFTER_S):
-        return old
-    entry = merge(old, probe(), value)
+    if old is not None and not refresh:
+        if not old["uncertain"] and time.time() - old["measured_at"] < REMEASURE_AFTER_S:
+            return old
+        since = time.time() - old.get("probed_at", old["measured_at"])
+        if old["uncertain"] and since < RETRY_BUSY_AFTER_S:
+            still = busy_now()
+            if still:  # served as it is, not written: the next call looks at the load again
+                return {**old, "deferred": f"{still}, {since:.0f} s after the last probe"}
+    entry = {**merge(old, probe(), value), "probed_at": time.time()}
     cache[key] = entry
     _save(path, cache)
     return entry

@@ -4,7 +4,7 @@ The bound is only as good as the bandwidth under it. `probe_bandwidth` measures 
 machine reaches at the current thread count: several methods (fp32 and bf16 sums, a copy, a large fp32 GEMV)
 on buffers far larger than the last-level cache, keeping the best of all. It watches the other processes' CPU
 use while it probes: a probe taken on a busy machine is kept only as *uncertain* (contention lowers it) and is
-taken again on the next call; a calm probe is cached per machine and thread count and refreshed after a day
+taken again once the machine is calm (or 10 minutes later); a calm probe is cached per machine and thread count and refreshed after a day
 (`workbench.measure.probes`).
 
 Which limit holds (`classify`): a device that works less than `LAUNCH_BOUND_BELOW` (half) of each decode step
@@ -165,7 +165,8 @@ def _explain(entry: dict, key: str) -> str:
             f"{calm} probe(s) within a day, each the fastest of {listed} on {entry['buffer_bytes'] >> 20} MiB "
             f"buffers ({key}).")
     if entry["uncertain"]:
-        return text + f" Uncertain: {entry['why']}, so the bound may be too low; the next run probes again."
+        return (text + f" Uncertain: {entry['why']}, so the bound may be too low; a later run probes again."
+                + probes.deferred_sentence(entry))
     if entry.get("rejected"):
         return text + f" A newer probe was not trusted over it: {entry['rejected']}."
     return text

@@ -69,8 +69,8 @@ class RooflineTracker(Tracker):
         rows = [("roofline", f"{num(roof.fraction_of_bound, '.0%')} of {roof.decode_bound_tokens_per_s:.0f} "
                              f"tokens/s ({human_bytes(roof.bandwidth_bytes_per_s)}/s, "
                              f"{human_bytes(roof.bytes_per_token)} per token)"
-                             + (" (uncertain: the machine was busy while the bandwidth was probed; the next run "
-                                "probes again)" if roof.uncertain else ""))]
+                             + (" (uncertain: the machine was busy while the bandwidth was probed; a run probes "
+                                "again once it is calm)" if roof.uncertain else ""))]
         if roof.bound:
             rows.append(("bound", f"{roof.bound}: {roof.explanation.split('. ')[0].rstrip('.')}."))
         return rows
