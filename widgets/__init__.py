@@ -4,6 +4,8 @@
     Workbench()          # last expression of a notebook cell: the whole app
 """
 
-from widgets.app import Workbench
+import workbench  # noqa: F401 - first: its deferred imports (workbench.deferred) must be in place before plotly's
+
+from widgets.app import Workbench  # noqa: E402
 
 __all__ = ["Workbench"]

@@ -9,6 +9,11 @@ transformers modules that every run imports import optional libraries at their t
   safetensors helpers, and with them torchao, which probes its compiled kernels and logs what it cannot load.
 - six `loss` modules (also imported with `modeling_utils`) import scipy's `linear_sum_assignment` for the losses
   of object-detection models; `scipy.optimize` alone took 0.34 s.
+- jsonschema's format checkers (imported by nbformat, so by plotly: every app, dashboard page and notebook kernel)
+  import `rfc3987_syntax` when it is installed (Jupyter's own `jsonschema[format-nongpl]` brings it), which builds
+  an Earley parser of RFC 3987 at import: 2.2 s of the 2.3 s `import jsonschema` took here. It only checks the
+  `iri` formats of a schema. While `jsonschema._format` loads, `rfc3987_syntax` is a stub whose names are
+  stand-ins; the real module is imported when a stand-in is first called.
 
 `install()` makes each of these modules load as if its library were absent: transformers' availability check
 (`is_hqq_available`, `is_torchao_available`, `is_scipy_available`) answers False while the module's top runs,
@@ -29,6 +34,7 @@ import importlib.util
 import re
 import sys
 import textwrap
+import types
 from typing import Any
 
 # transformers' module (or every module of a package, a name ending in ".") -> the availability check (in
@@ -36,6 +42,8 @@ from typing import Any
 DEFERRED = {"transformers.cache_utils": "is_hqq_available",
             "transformers.quantizers.quantizer_torchao": "is_torchao_available",
             "transformers.loss.": "is_scipy_available"}
+# A module -> the library it imports inside `with suppress(ImportError)`, stubbed while the module loads
+STUBBED = {"jsonschema._format": "rfc3987_syntax"}
 
 
 def guarded_imports(source: str, check: str) -> dict[str, tuple[str, str]] | None:
@@ -58,16 +66,17 @@ def guarded_imports(source: str, check: str) -> dict[str, tuple[str, str]] | Non
 
 
 class _Deferred:
-    """Stands in for `module.name` (`from source import attribute`) until it is used: an attribute (hqq's
-    `Quantizer.quantize`) or a call (torchao's `flatten_tensor_state_dict(...)`) imports `source`, puts the real
-    object in the module under `name`, and answers from it."""
+    """Stands in for `from source import attribute` until it is used: an attribute (hqq's `Quantizer.quantize`) or
+    a call (torchao's `flatten_tensor_state_dict(...)`) imports `source` and answers from the real object. With a
+    `module`, the real object then takes the stand-in's place there as `name`."""
 
     def __init__(self, module: Any, name: str, source: str, attribute: str) -> None:
         self.module, self.name, self.source, self.attribute = module, name, source, attribute
 
     def resolve(self) -> Any:
         real = getattr(importlib.import_module(self.source), self.attribute)
-        setattr(self.module, self.name, real)
+        if self.module is not None:
+            setattr(self.module, self.name, real)
         return real
 
     def __getattr__(self, name: str) -> Any:
@@ -82,12 +91,11 @@ class _Deferred:
         return f"<deferred: from {self.source} import {self.attribute}>"
 
 
-class _WithoutLibrary(importlib.abc.Loader):
-    """Executes a module with transformers' availability `check` answering False, then gives each name in
-    `names` (what the module imports under the check) a `_Deferred` stand-in."""
+class _Wrapped(importlib.abc.Loader):
+    """A module's own loader, with something done around executing it (`exec_module`)."""
 
-    def __init__(self, loader: importlib.abc.Loader, check: str, names: dict[str, tuple[str, str]]) -> None:
-        self.loader, self.check, self.names = loader, check, names
+    def __init__(self, loader: importlib.abc.Loader) -> None:
+        self.loader = loader
 
     def create_module(self, spec: importlib.machinery.ModuleSpec) -> Any:
         return self.loader.create_module(spec)
@@ -96,6 +104,15 @@ class _WithoutLibrary(importlib.abc.Loader):
         if name.startswith("__") or name == "loader":  # copy and pickle probe special names before __init__
             raise AttributeError(name)
         return getattr(self.loader, name)
+
+
+class _WithoutLibrary(_Wrapped):
+    """Executes a module with transformers' availability `check` answering False, then gives each name in
+    `names` (what the module imports under the check) a `_Deferred` stand-in."""
+
+    def __init__(self, loader: importlib.abc.Loader, check: str, names: dict[str, tuple[str, str]]) -> None:
+        super().__init__(loader)
+        self.check, self.names = check, names
 
     def exec_module(self, module: Any) -> None:
         import transformers.utils as utils
@@ -120,6 +137,34 @@ class _WithoutLibrary(importlib.abc.Loader):
                 setattr(module, name, _Deferred(module, name, source, attribute))
 
 
+class _WithStub(_Wrapped):
+    """Executes a module while `library` is a stub whose every attribute is a `_Deferred` stand-in (the module
+    binds them under names of its own, so the stand-ins stay and forward); afterwards `library` imports as usual."""
+
+    def __init__(self, loader: importlib.abc.Loader, library: str) -> None:
+        super().__init__(loader)
+        self.library = library
+
+    def exec_module(self, module: Any) -> None:
+        if self.library in sys.modules:  # already paid for
+            self.loader.exec_module(module)
+            return
+        stub = types.ModuleType(self.library, f"stand-in for {self.library} while {module.__name__} loads")
+
+        def attribute(name: str) -> Any:
+            if name.startswith("__"):
+                raise AttributeError(name)
+            return _Deferred(None, name, self.library, name)
+
+        stub.__getattr__ = attribute  # type: ignore[attr-defined]  # PEP 562: `from library import name`
+        sys.modules[self.library] = stub
+        try:
+            self.loader.exec_module(module)
+        finally:
+            if sys.modules.get(self.library) is stub:
+                del sys.modules[self.library]
+
+
 def _installed(name: str) -> bool:
     try:
         return importlib.util.find_spec(name) is not None
@@ -136,15 +181,19 @@ def check_for(fullname: str) -> str | None:
 
 
 class _Finder(importlib.abc.MetaPathFinder):
-    """Finds each module of `DEFERRED` the usual way, and wraps its loader when its library is installed and its
-    guarded block only imports."""
+    """Finds each module of `DEFERRED` and `STUBBED` the usual way, and wraps its loader when its library is
+    installed (and, for `DEFERRED`, its guarded block only imports)."""
 
     def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> importlib.machinery.ModuleSpec | None:
         check = check_for(fullname)
-        if check is None:
+        if check is None and fullname not in STUBBED:
             return None
         spec = importlib.machinery.PathFinder.find_spec(fullname, path)
         if spec is None or not isinstance(spec.loader, importlib.machinery.SourceFileLoader):
+            return spec
+        if check is None:
+            if _installed(STUBBED[fullname]):
+                spec.loader = _WithStub(spec.loader, STUBBED[fullname])
             return spec
         try:
             names = guarded_imports(spec.loader.get_source(fullname) or "", check)
