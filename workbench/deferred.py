@@ -1,10 +1,10 @@
 """Imports a library makes at start-up that the workbench defers until they are used.
 
-transformers modules that every run imports import optional libraries at their top whenever they are installed:
-- `cache_utils` (imported by almost every transformers module) imports `hqq.core.quantize` (the `kvquant` extra:
-  the quantized KV cache's default backend). hqq's module calls `torch.compile` while defining its classes: on
-  2 CPU cores `import workbench.runner` took 4.2-4.6 s with it and 1.9-2.3 s without, and a CLI run of `tiny`
-  12.2 s with it and 10.7 s without (medians; torch's compiler is imported later in a run anyway).
+Modules that every run or app imports import optional libraries at their top whenever those are installed:
+- transformers' `cache_utils` (imported by almost every transformers module) imports `hqq.core.quantize` (the
+  `kvquant` extra: the quantized KV cache's default backend). hqq's module calls `torch.compile` while defining its
+  classes: on 2 CPU cores `import workbench.runner` took 4.2-4.6 s with it and 1.9-2.3 s without, and a CLI run of
+  `tiny` 12.2 s with it and 10.7 s without (medians; torch's compiler is imported later in a run anyway).
 - `quantizers.quantizer_torchao` (imported with `modeling_utils`, so by every model load) imports torchao's
   safetensors helpers, and with them torchao, which probes its compiled kernels and logs what it cannot load.
 - six `loss` modules (also imported with `modeling_utils`) import scipy's `linear_sum_assignment` for the losses
@@ -15,7 +15,7 @@ transformers modules that every run imports import optional libraries at their t
   `iri` formats of a schema. While `jsonschema._format` loads, `rfc3987_syntax` is a stub whose names are
   stand-ins; the real module is imported when a stand-in is first called.
 
-`install()` makes each of these modules load as if its library were absent: transformers' availability check
+`install()` makes each transformers module load as if its library were absent: transformers' availability check
 (`is_hqq_available`, `is_torchao_available`, `is_scipy_available`) answers False while the module's top runs,
 and is restored for every later call. Each name the module would have imported under that check gets a stand-in
 that imports the library the first time it is used (an attribute, a call) and then puts the real object in its
@@ -209,7 +209,8 @@ _FINDER = _Finder()
 
 
 def install() -> None:
-    """Defer the libraries of the `DEFERRED` modules imported from now on (an imported one has already paid)."""
+    """Defer the libraries of the `DEFERRED` and `STUBBED` modules imported from now on (an imported one has
+    already paid)."""
     if _FINDER not in sys.meta_path:
         sys.meta_path.insert(0, _FINDER)
 
