@@ -119,8 +119,8 @@ def test_busy_probes_keep_their_best_until_a_calm_one_arrives(cache, monkeypatch
 
 
 def test_while_the_machine_stays_busy_an_uncertain_probe_is_served_until_ten_minutes_have_passed(cache, monkeypatch):
-    """A probe on a busy machine reads too low and slows the runs that keep it busy: a later call probes again
-    when the load has dropped, and while it has not, only RETRY_BUSY_AFTER_S after the last probe."""
+    """A probe on a busy machine reads too low and lengthens every run: a later call probes again when the load
+    has dropped, and while it has not, only RETRY_BUSY_AFTER_S after the last probe."""
     monkeypatch.setattr(probes, "LOAD_SAMPLE_S", 0.0)
     m = Machine(monkeypatch, {"fp32 sum": 5e9})
     m.others = 1.6

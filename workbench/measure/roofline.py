@@ -4,8 +4,8 @@ The bound is only as good as the bandwidth under it. `probe_bandwidth` measures 
 machine reaches at the current thread count: several methods (fp32 and bf16 sums, a copy, a large fp32 GEMV)
 on buffers far larger than the last-level cache, keeping the best of all. It watches the other processes' CPU
 use while it probes: a probe taken on a busy machine is kept only as *uncertain* (contention lowers it) and is
-taken again once the machine is calm (or 10 minutes later); a calm probe is cached per machine and thread count and refreshed after a day
-(`workbench.measure.probes`).
+taken again once the machine is calm (or 10 minutes later); a calm probe is cached per machine and thread count
+and refreshed after a day (`workbench.measure.probes`).
 
 Which limit holds (`classify`): a device that works less than `LAUNCH_BOUND_BELOW` (half) of each decode step
 (`workbench.measure.busy`) waits more on launching work than on doing it: "launch" (on the CPU: Python and
