@@ -33,6 +33,7 @@ logger = 1
     ("if is_torchao_available():\n    from torchao import a\n    A = a.b\n", None),  # code beside the import
     ("if is_torchao_available():\n    from torchao import a\nelse:\n    a = None\n", None),  # the else branch runs
     ("if is_torchao_available():\n    from .torchao import a\n", None),  # relative
+    ("if is_torchao_available():\n    from torchao import *\n", None),  # names unknown until imported
     ("if is_torchao_available('0.4'):\n    from torchao import a\n", None),  # a check with arguments
     ("def f():\n    if is_torchao_available():\n        from torchao import a\n", None),  # not at the top
 ])

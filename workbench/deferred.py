@@ -48,7 +48,7 @@ STUBBED = {"jsonschema._format": "rfc3987_syntax"}
 
 def guarded_imports(source: str, check: str) -> dict[str, tuple[str, str]] | None:
     """What a module's top-level `if check():` blocks import: {name: (module, attribute)}; None when there is no
-    such block, or one does anything but absolute `from X import Y`, or is followed by `elif`/`else`."""
+    such block, or one does anything but absolute `from X import Y` (no `*`), or is followed by `elif`/`else`."""
     names: dict[str, tuple[str, str]] = {}
     for match in re.finditer(rf"^if {re.escape(check)}\(\):[ \t]*\n((?:[ \t]+\S.*\n|[ \t]*\n)+)(\S*)", source,
                              re.MULTILINE):
@@ -59,9 +59,10 @@ def guarded_imports(source: str, check: str) -> dict[str, tuple[str, str]] | Non
         except SyntaxError:
             return None
         for node in body:
-            if not isinstance(node, ast.ImportFrom) or node.level or not node.module:
+            if (not isinstance(node, ast.ImportFrom) or node.level or not node.module
+                    or any(a.name == "*" for a in node.names)):  # a star import's names are unknown here
                 return None
-            names.update({a.asname or a.name: (node.module, a.name) for a in node.names if a.name != "*"})
+            names.update({a.asname or a.name: (node.module, a.name) for a in node.names})
     return names or None
 
 
