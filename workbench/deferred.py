@@ -73,12 +73,15 @@ class _Deferred:
 
     def __init__(self, module: Any, name: str, source: str, attribute: str) -> None:
         self.module, self.name, self.source, self.attribute = module, name, source, attribute
+        self.real: Any = None
 
     def resolve(self) -> Any:
-        real = getattr(importlib.import_module(self.source), self.attribute)
-        if self.module is not None:
-            setattr(self.module, self.name, real)
-        return real
+        """The real object, imported on the first use only (a stand-in the module keeps forwards every call)."""
+        if self.real is None:
+            self.real = getattr(importlib.import_module(self.source), self.attribute)
+            if self.module is not None:
+                setattr(self.module, self.name, self.real)
+        return self.real
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("__"):  # copy and pickle probe special names: not the library's
