@@ -63,6 +63,22 @@ def test_a_failed_write_leaves_nothing_behind(store_path, result, monkeypatch):
         assert conn.execute("SELECT count(*) FROM runs").fetchone()[0] == 1
 
 
+def test_a_new_store_gets_all_its_tables_at_once(tmp_path, result, monkeypatch):
+    """Two apps sharing a new store: the second one read the tables between the first one's CREATE statements and
+    refused the store as "not a workbench results store (tables: workbench_meta)". A schema that fails halfway
+    leaves no table at all, so nobody can see half of it."""
+    import workbench.store as store_module
+
+    path = tmp_path / "new.sqlite"
+    monkeypatch.setattr(store_module, "_SCHEMA", store_module._SCHEMA + "NOT SQL;")
+    with pytest.raises(StoreError):
+        Store(path).add(result)
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("SELECT name FROM sqlite_master WHERE type='table'").fetchall() == []
+    monkeypatch.undo()
+    assert Store(path).add(result) == 1
+
+
 def test_a_transaction_interrupted_inside_sqlite_rolls_back(store_path, result):
     store = Store(store_path)
     store.add_error(result.config, "an earlier failure")  # the store file exists from its first row on

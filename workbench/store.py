@@ -118,8 +118,10 @@ class Store:
             check = conn.execute("PRAGMA quick_check").fetchone()[0]
             if check != "ok":
                 raise StoreError(f"results store {str(self.path)!r} is corrupt ({check}); it was left untouched")
+            # one transaction: executescript commits each statement on its own, and another app or process opening
+            # the same new store in between saw workbench_meta without runs and refused it as a foreign database
+            conn.executescript(f"BEGIN IMMEDIATE;{_SCHEMA}COMMIT;")
             with conn:
-                conn.executescript(_SCHEMA)
                 have = {r[1] for r in conn.execute("PRAGMA table_info(runs)")}
                 for name, kind in [("engine", "TEXT")] + [(c.name, c.sql_type) for c in tracker.columns()]:
                     if name not in have:  # a tracker newer than the store, or a store older than the engine column
