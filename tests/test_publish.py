@@ -6,6 +6,8 @@ Unit tests first (no browser); the browser tests at the end serve a published, l
 from __future__ import annotations
 
 import asyncio
+import fcntl
+import os
 import re
 import subprocess
 import sys
@@ -208,7 +210,7 @@ def test_a_dead_process_frees_its_slot_and_its_place(tmp_path):
     assert mine is not None
     waiter = _holder(tmp_path, "ticket")  # waits behind `mine`
     try:
-        wait_until(lambda: len(list((tmp_path / "queue").iterdir())) == 1)
+        wait_until(lambda: len(list((tmp_path / "queue").glob("*.ticket"))) == 1)  # published, not still `.new`
     finally:
         waiter.kill()
         waiter.wait(10)
@@ -218,6 +220,54 @@ def test_a_dead_process_frees_its_slot_and_its_place(tmp_path):
     assert slot is not None and places == []  # the dead waiter's ticket did not hold anyone back
     assert not list((tmp_path / "queue").iterdir())
     slot.release()
+
+
+def test_a_ticket_left_half_made_is_swept_and_one_being_made_is_left_alone(tmp_path):
+    """A process killed between making its ticket (`.new`) and publishing it must not leave litter or block anyone."""
+    slots = RunSlots(folder=str(tmp_path), count=1, poll_s=0.01)
+    queue = tmp_path / "queue"
+    (queue / "00000000000000000001-1-dead.new").touch()  # nobody holds it: its process died mid-way
+    being_made = queue / "00000000000000000002-2-live.new"
+    fd = os.open(being_made, os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # another process, between locking and renaming
+    try:
+        places: list[int] = []
+        slot = slots.acquire(on_wait=places.append)
+        assert slot is not None and places == []  # neither counts as a waiter ahead
+        assert sorted(p.name for p in queue.iterdir()) == [being_made.name]
+        slot.release()
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+    assert slots._waiting() == [] and not list(queue.iterdir())  # released unpublished: swept
+
+
+def test_a_ticket_swept_while_being_made_is_made_again(tmp_path, monkeypatch):
+    """Another process's sweep can lock or remove our `.new` file before we lock it; we take a new name."""
+    import workbench.serve.slots as slots_mod
+
+    slots = RunSlots(folder=str(tmp_path), count=1, poll_s=0.01)
+    real = slots_mod._try_lock
+    tries: list[Path] = []
+
+    def contested(path):
+        tries.append(path)
+        if len(tries) == 1:  # the sweep holds the lock
+            return None
+        fd = real(path)
+        if len(tries) == 2:  # the sweep removed the file between our open and our lock
+            path.unlink()
+        return fd
+
+    monkeypatch.setattr(slots_mod, "_try_lock", contested)
+    ticket, fd = slots._new_ticket()
+    monkeypatch.setattr(slots_mod, "_try_lock", real)
+    try:
+        assert len(tries) == 3 and len({p.name for p in tries}) == 3 and all(p.suffix == ".new" for p in tries)
+        assert ticket.suffix == ".ticket" and ticket.stem == tries[2].stem and slots._waiting() == [ticket]
+    finally:
+        slots_mod._unlock(fd)
+        ticket.unlink()
 
 
 # ---------------------------------------------------------------------------------------------- the app

@@ -109,16 +109,42 @@ class RunSlots:
         return held
 
     def _waiting(self) -> list[Path]:
-        """Live tickets, oldest first; tickets of dead processes are removed."""
+        """Live tickets, oldest first; tickets of dead processes are removed.
+
+        A `.new` file is a ticket being made (see `_new_ticket`); one nobody holds belongs to a process that died
+        before publishing it, and is removed too.
+        """
         live = []
-        for ticket in sorted((Path(self.folder) / "queue").glob("*.ticket")):
+        queue = Path(self.folder) / "queue"
+        for ticket in sorted([*queue.glob("*.ticket"), *queue.glob("*.new")]):
             fd = _try_lock(ticket)
             if fd is None:
-                live.append(ticket)
+                if ticket.suffix == ".ticket":
+                    live.append(ticket)
                 continue
             ticket.unlink(missing_ok=True)  # nobody holds it: its process is gone
             _unlock(fd)
         return live
+
+    def _new_ticket(self) -> tuple[Path, int]:
+        """A ticket at the end of the queue and the descriptor holding its lock.
+
+        The file is made and locked as `NAME.new`, then renamed: a `.ticket` is visible to others only once locked,
+        so it is never taken for a dead one. Another process's sweep may lock and remove the `.new` file between
+        its creation and our lock (it looks dead then); that name is given up and a new one made.
+        """
+        while True:
+            name = Path(self.folder) / "queue" / f"{time.time_ns():020d}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            fd = _try_lock(name.with_suffix(".new"))
+            if fd is None:  # a sweep holds it and is removing it
+                continue
+            ticket = name.with_suffix(".ticket")
+            try:
+                os.rename(name.with_suffix(".new"), ticket)
+            except FileNotFoundError:  # a sweep removed it before we locked it: we locked a file with no name
+                _unlock(fd)
+                continue
+            return ticket, fd
 
     def acquire(self, should_stop: Callable[[], bool] = lambda: False,
                 on_wait: Callable[[int], None] = lambda place: None) -> Slot | None:
@@ -129,11 +155,7 @@ class RunSlots:
         slot = self.try_acquire() if not self._waiting() else None
         if slot is not None:
             return slot
-        name = Path(self.folder) / "queue" / f"{time.time_ns():020d}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        fd = _try_lock(name.with_suffix(".new"))
-        assert fd is not None  # a fresh, unique file
-        ticket = name.with_suffix(".ticket")
-        os.rename(name.with_suffix(".new"), ticket)  # visible to others only once locked: never taken for dead
+        ticket, fd = self._new_ticket()
         last = 0
         try:
             while not should_stop():
