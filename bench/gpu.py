@@ -111,6 +111,8 @@ def speed_row(label: str, r: Any) -> dict[str, Any]:
             "bound_tokens_per_s": roof.decode_bound_tokens_per_s if roof else None,
             "fraction_of_bound": roof.fraction_of_bound if roof else None,
             "bound": roof.bound if roof else None, "bound_explanation": getattr(roof, "explanation", "") or "",
+            "busy_share": roof.busy_share if roof else None,
+            "kernel_fraction_of_bound": roof.kernel_fraction_of_bound if roof else None,
             "joules_per_token": energy.joules_per_token if energy else None, "energy_note": energy_note,
             "weights_bytes": mem.weights_bytes if mem else None, "peak_gpu_bytes": max(peaks, default=None),
             "offloaded_bytes": offloaded, "batch": r.config.batch_size,

@@ -43,6 +43,23 @@ def _result(gpu, speed, accuracy=()):
     return gpu.result_of(list(speed), list(accuracy), args, 301.0)
 
 
+def test_the_rows_are_read_from_a_real_result(gpu):
+    """`speed_row` and `accuracy_row` on a finished CPU run: a GPU session must not be the first to call them."""
+    from workbench.config import RunConfig
+    from workbench.runner import run
+
+    r = run(RunConfig(model="tiny", warmup=0, repeats=1, min_duration_s=0.0, max_new_tokens=4, eval_tokens=256))
+    assert r.status == "ok", r.error
+    row = gpu.speed_row("tiny on the CPU", r)
+    assert set(_speed("x", 1.0)) <= set(row) and row["config"] == "tiny on the CPU" and row["batch"] == 1
+    assert row["decode_tokens_per_s"] == r.latency.decode_tokens_per_s and row["bound"] == r.roofline.bound
+    assert row["busy_share"] == r.roofline.busy_share and row["weights_bytes"] == r.memory.weights_bytes
+    assert row["kernel_fraction_of_bound"] == pytest.approx(r.roofline.fraction_of_bound / r.roofline.busy_share)
+    assert row["peak_gpu_bytes"] is None and row["gpu"] is None  # a CPU run has neither
+    acc = gpu.accuracy_row("tiny fp32", r)
+    assert acc["perplexity"] == r.accuracy.perplexity and acc["status"] == "ok"
+
+
 def test_refuses_in_one_sentence_without_a_gpu(gpu, monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert gpu.main([]) == 2

@@ -81,7 +81,8 @@ def test_each_bound_says_why_in_one_sentence_before_the_bandwidth_explanation():
     memory = rl.roofline(_bandwidth(), per_step, 1, 20.0, busy=_busy(0.9), peak=_peak(40e9), flops_per_step=2e8)
     assert memory.bound == "bandwidth" and memory.peak_flops_per_s == 40e9
     assert memory.explanation.startswith("Bandwidth-bound: batch 1 does 0.5 FLOP per byte, below this CPU's ridge "
-                                         "of 4; the CPU spent 90 % of each decode step in kernels.")
+                                         "of 4; the CPU spent 90 % of each decode step in kernels, and they read at "
+                                         "89 % of the bandwidth while they ran.")
     unknown = rl.roofline(_bandwidth(), per_step, 1, 20.0, busy=_busy(None, why="the llamacpp engine's kernels run "
                           "outside PyTorch"), peak=None, flops_per_step=2e8, peak_why="the fp16 matmul probe failed")
     assert unknown.bound == "bandwidth" and unknown.busy_share is None and unknown.ridge_flop_per_byte is None
@@ -90,6 +91,42 @@ def test_each_bound_says_why_in_one_sentence_before_the_bandwidth_explanation():
                                           "outside PyTorch).")
     none = rl.roofline(_bandwidth(), 0, 1, 20.0, busy=_busy(0.1), peak=_peak(40e9), flops_per_step=2e8)
     assert none.bound is None and none.explanation == "10.0 GB/s from the copy. Peak from a test."
+
+
+def test_kernels_far_below_the_bandwidth_are_not_called_bandwidth_bound():
+    """Busy most of the step yet at 18 % of the bound: the kernels themselves are slow, and the sentence says so
+    (the measured case: `tiny` on a loaded 2-core machine, 5 % of the bound with the CPU 56 % busy)."""
+    per_step = 400_000_000  # 10 GB/s: the bound is 25 tokens/s
+    slow = rl.roofline(_bandwidth(), per_step, 1, 4.0, busy=_busy(0.9), peak=_peak(40e9), flops_per_step=2e8)
+    assert slow.bound == "bandwidth" and slow.fraction_of_bound == pytest.approx(0.16)
+    assert slow.kernel_fraction_of_bound == pytest.approx(0.16 / 0.9)
+    assert slow.explanation.startswith(
+        "Far below the bandwidth bound (batch 1 does 0.5 FLOP per byte, below this CPU's ridge of 4): the CPU spent "
+        "90 % of each decode step in kernels, but while they ran they read at only 18 % of the bandwidth; the "
+        "kernels, not the memory, hold this step back (too little work per kernel, unpacking quantized weights, or "
+        "other processes sharing the CPU). 10.0 GB/s from the copy.")
+    assert dict(RooflineTracker.rows(slow))["bound"].startswith("bandwidth: Far below the bandwidth bound (batch 1")
+    gpu = rl.roofline(_bandwidth(), per_step, 1, 4.0, busy=_busy(0.9, "GPU"), peak=None, flops_per_step=2e8,
+                      who="GPU", peak_why="the bf16 matmul probe failed")
+    assert gpu.explanation.startswith("Far below the bandwidth bound (compute was not compared: the bf16 matmul probe "
+                                      "failed): the GPU spent 90 % of each decode step in kernels, but while they "
+                                      "ran they read at only 18 % of the bandwidth; the kernels, not the memory, "
+                                      "hold this step back (kernels too small to fill the GPU, or kernels that "
+                                      "unpack quantized weights).")
+    at_half = rl.roofline(_bandwidth(), per_step, 1, 11.25, busy=_busy(0.9), peak=_peak(40e9), flops_per_step=2e8)
+    assert at_half.explanation.startswith("Bandwidth-bound:") and "read at 50 % of the bandwidth" in at_half.explanation
+    cached = rl.roofline(_bandwidth(), per_step, 1, 30.0, busy=_busy(0.8, "GPU"), peak=_peak(40e9), flops_per_step=2e8,
+                         who="GPU")
+    assert cached.kernel_fraction_of_bound == pytest.approx(1.5)
+    assert cached.explanation.startswith("Bandwidth-bound: batch 1 does 0.5 FLOP per byte, below this GPU's ridge of "
+                                         "4; the GPU was busy 80 % of each decode step, and its kernels read at 150 % "
+                                         "of the bandwidth while they ran (the weights come from the GPU's caches).")
+    for share in (None, 0.3):  # unknown share: no kernel figure; launch-bound: the launch sentence as before
+        other = rl.roofline(_bandwidth(), per_step, 1, 4.0, busy=_busy(share), peak=_peak(40e9), flops_per_step=2e8)
+        assert "Far below" not in other.explanation and "while they ran" not in other.explanation
+    assert other.bound == "launch" and other.kernel_fraction_of_bound == pytest.approx(0.16 / 0.3)
+    compute = rl.roofline(_bandwidth(), per_step, 64, 100.0, busy=_busy(0.92), peak=_peak(40e9), flops_per_step=16e9)
+    assert compute.bound == "compute" and "while they ran" not in compute.explanation
 
 
 def test_the_new_fields_round_trip_and_results_stored_without_them_still_load():
@@ -101,7 +138,8 @@ def test_the_new_fields_round_trip_and_results_stored_without_them_still_load():
     assert RunResult.from_dict(json.loads(result.to_json())).roofline == roof
     old = from_dict(RooflineStats, {"bandwidth_bytes_per_s": 1e10, "bytes_per_token": 10, "fraction_of_bound": 0.5,
                                     "decode_bound_tokens_per_s": 1e9, "bound": "bandwidth", "explanation": "x"})
-    assert (old.busy_share, old.arithmetic_intensity, old.ridge_flop_per_byte, old.peak_flops_per_s) == (None,) * 4
+    assert (old.busy_share, old.arithmetic_intensity, old.ridge_flop_per_byte, old.peak_flops_per_s,
+            old.kernel_fraction_of_bound) == (None,) * 5
 
 
 def test_the_report_adds_the_bound_sentence():

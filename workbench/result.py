@@ -108,6 +108,7 @@ class RooflineStats:
     explanation: str = ""  # one sentence on the bound that holds and why, then how the bandwidth was probed
     uncertain: bool = False  # the probe ran while other processes were busy: the bound may be too low
     busy_share: float | None = None  # device (kernel) time per decode step / measured TPOT; None: unknown
+    kernel_fraction_of_bound: float | None = None  # fraction_of_bound / busy_share: the kernels' share of it
     arithmetic_intensity: float | None = None  # FLOPs per byte read of one decode step
     ridge_flop_per_byte: float | None = None  # the device's peak FLOP/s / its read bandwidth
     peak_flops_per_s: float | None = None  # the probed peak of a large matmul in the run's dtype

@@ -41,6 +41,7 @@ CUDA_BUFFER_BYTES = 2**30  # far beyond any GPU's L2 cache
 REPEATS = 4  # timed passes per method (after one untimed pass that faults the pages in); the fastest counts
 GEMV_COLS = 4096  # the GEMV's matrix is (buffer / 16 KiB) x 4096 fp32; its vector stays in the L1 cache
 LAUNCH_BOUND_BELOW = 0.5  # a device working less than half of each decode step is held back by launches / dispatch
+KERNELS_FAR_BELOW = 0.5  # kernels reading at under half the bandwidth while they run: something else holds them
 _CACHE_VERSION = 2  # entries of older versions (one `x.sum()`, no load check) are probed again
 _CPU_ROOT = Path("/sys/devices/system/cpu")
 
@@ -218,9 +219,33 @@ def _num(x: float) -> str:
     return f"{x:.0f}" if x >= 10 else f"{x:.2g}"
 
 
+def kernel_fraction(fraction_of_bound: float | None, busy_share: float | None) -> float | None:
+    """The share of the bandwidth bound the device's kernels reached while they ran: the step's bytes over its
+    kernel time (busy share x TPOT), against the probed bandwidth. Below 1 by the whole gap when the kernels
+    themselves are slow for their bytes; above 1 when the weights are served from the CPU's caches."""
+    if not fraction_of_bound or not busy_share:
+        return None
+    return fraction_of_bound / busy_share
+
+
+def _far_below(who: str, batch: int, intensity: float | None, ridge: float | None, peak_why: str,
+               share: float, kernels: float) -> str:
+    """The sentence for a step below the ridge whose kernels read far slower than the bandwidth allows."""
+    ceiling = (f"batch {batch} does {_num(intensity)} FLOP per byte, below this {who}'s ridge of {_num(ridge)}"
+               if intensity is not None and ridge is not None else
+               f"compute was not compared: {peak_why or 'no FLOP count'}")
+    held = ("kernels too small to fill the GPU, or kernels that unpack quantized weights" if who == "GPU" else
+            "too little work per kernel, unpacking quantized weights, or other processes sharing the CPU")
+    return (f"Far below the bandwidth bound ({ceiling}): the {who} spent {100 * share:.0f} % of each decode step in "
+            f"kernels, but while they ran they read at only {100 * kernels:.0f} % of the bandwidth; the kernels, not "
+            f"the memory, hold this step back ({held}).")
+
+
 def _bound_sentence(kind: str, who: str, batch: int, busy: Busy | None, intensity: float | None,
-                    ridge: float | None, peak_why: str, compiled: bool, cuda_graphs: bool) -> str:
-    """One sentence: the limit that holds, the numbers that decided it, and what to try."""
+                    ridge: float | None, peak_why: str, compiled: bool, cuda_graphs: bool,
+                    kernels: float | None = None) -> str:
+    """One sentence: the limit that holds, the numbers that decided it, and what to try. `kernels` is the share
+    of the bandwidth the kernels reached while they ran (`kernel_fraction`)."""
     share = busy.share if busy is not None else None
     if share is None:
         worked = f"the {who}'s busy share is unknown ({busy.why if busy else 'not measured'})"
@@ -236,6 +261,11 @@ def _bound_sentence(kind: str, who: str, batch: int, busy: Busy | None, intensit
                 "compile with CUDA graphs (--compile).")
         return worked[0].upper() + worked[1:] + ", the rest in Python and dispatch: overhead-bound — " + (
             "even compiled; a larger batch does more work per step." if compiled else "try --compile.")
+    if kind == "bandwidth" and share is not None and kernels is not None:
+        if kernels < KERNELS_FAR_BELOW:
+            return _far_below(who, batch, intensity, ridge, peak_why, share, kernels)
+        worked += (f", and {'they' if who == 'CPU' else 'its kernels'} read at {100 * kernels:.0f} % of the "
+                   "bandwidth while they ran" + (f" (the weights come from the {who}'s caches)" if kernels > 1 else ""))
     if intensity is None or ridge is None:
         return f"Bandwidth-bound (compute was not compared: {peak_why or 'no FLOP count'}); {worked}."
     side = "above" if intensity > ridge else "below"
@@ -253,14 +283,17 @@ def roofline(bandwidth: Bandwidth, bytes_per_step: int, batch: int, decode_token
     fraction = decode_tokens_per_s / bound if bound and decode_tokens_per_s else None
     intensity = flops_per_step / bytes_per_step if flops_per_step and bytes_per_step else None
     ridge = peak.flops_per_s / bandwidth.bytes_per_s if peak is not None else None
-    kind = classify(bound is not None, busy.share if busy else None, intensity, ridge)
+    share = busy.share if busy else None
+    kind = classify(bound is not None, share, intensity, ridge)
+    kernels = kernel_fraction(fraction, share)
     explanation = " ".join(x for x in (
-        _bound_sentence(kind, who, batch, busy, intensity, ridge, peak_why, compiled, cuda_graphs) if kind else "",
+        _bound_sentence(kind, who, batch, busy, intensity, ridge, peak_why, compiled, cuda_graphs, kernels)
+        if kind else "",
         bandwidth.explanation, peak.explanation if peak is not None else "") if x)
     return RooflineStats(bandwidth_bytes_per_s=bandwidth.bytes_per_s, bytes_per_token=int(per_token),
                          decode_bound_tokens_per_s=bound, fraction_of_bound=fraction,
                          method=f"read bandwidth from the {bandwidth.method}; bytes per token = (weights read per "
                          "decode step + mean KV cache) / batch; a model that fits in the CPU caches can exceed the "
                          "DRAM bound", bound=kind, explanation=explanation, uncertain=bandwidth.uncertain,
-                         busy_share=busy.share if busy else None, arithmetic_intensity=intensity,
+                         busy_share=share, kernel_fraction_of_bound=kernels, arithmetic_intensity=intensity,
                          ridge_flop_per_byte=ridge, peak_flops_per_s=peak.flops_per_s if peak else None)
