@@ -100,14 +100,16 @@ def speed_table(rows: list[dict[str, Any]]) -> list[str]:
     """The speed table: one row per configuration, errors and skips included."""
     base = next((r.get("decode_tokens_per_s") for r in rows if r["config"] == EAGER), None)
     slow = {r["config"] for r in slower_than_eager(rows)}
-    lines = ["| configuration | model | decode tok/s | vs bf16 eager | of the bound | bound | J/token | weights | "
-             "peak GPU | note |", "| --- | --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | --- |"]
+    lines = ["| configuration | model | decode tok/s | vs bf16 eager | of the bound | bound | GPU busy | "
+             "kernels' share of BW | J/token | weights | peak GPU | note |",
+             "| --- | --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
     for r in rows:
         rate = r.get("decode_tokens_per_s")
         model = (r.get("model") or "").removeprefix("preset:")
         lines.append(f"| {r['config']} | {model} | {_num(rate, ',.1f')} | "
                      f"{_num(rate / base if rate is not None and base else None, '.2f', 'x')} | "
                      f"{_num(r.get('fraction_of_bound'), '.1%')} | {r.get('bound') or '–'} | "
+                     f"{_num(r.get('busy_share'), '.0%')} | {_num(r.get('kernel_fraction_of_bound'), '.0%')} | "
                      f"{_num(r.get('joules_per_token'), '.4f')} | {_bytes(r.get('weights_bytes'))} | "
                      f"{_bytes(r.get('peak_gpu_bytes'))} | {_cell(note(r, slow))} |")
     return lines

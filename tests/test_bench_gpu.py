@@ -105,15 +105,17 @@ def test_every_configuration_of_the_plan_is_a_valid_run_config(gpu):
 
 
 def test_targets_met(gpu):
-    rows = [_speed(gpu.EAGER, 74.0), _speed(gpu.COMPILED, 900.0, fraction=0.53),
+    rows = [_speed(gpu.EAGER, 74.0), _speed(gpu.COMPILED, 900.0, fraction=0.53, busy_share=0.92,
+                                            kernel_fraction_of_bound=0.53 / 0.92),
             _speed(gpu.INT4, 1500.0), _speed(gpu.NF4_8B, 60.0, weights=5 * GIB, peak=6 * GIB, model=gpu.BIG),
             _speed(gpu.OFFLOAD_8B, 3.0, offloaded_bytes=2 * GIB, model=gpu.BIG),
             _speed("bnb-nf4", 40.0, warnings=["bnb-nf4 dequantizes every weight per step at batch 1"])]
     result = _result(gpu, rows)
     assert [t["met"] for t in result["targets"]] == [True, True, True, True, True, True]
     text = gpu.markdown(result)
-    assert "| bf16 + compiled step | llama-3.2-1b | 900.0 | 12.16x | 53.0% | launch | 0.0500 | 2.0 GiB | 3.0 GiB |" \
-        in text
+    assert ("| bf16 + compiled step | llama-3.2-1b | 900.0 | 12.16x | 53.0% | launch | 92% | 58% | 0.0500 | 2.0 GiB | "
+            "3.0 GiB |") in text
+    assert "| bf16 eager | llama-3.2-1b | 74.0 | 1.00x | 10.0% | launch | – | – | 0.0500 |" in text  # not profiled
     assert "⚠ slower than bf16 eager: bnb-nf4 dequantizes every weight per step" in text
     assert "| 2.0 GiB of weights off the GPU |" in text
     assert "**missed**" not in text and "NVIDIA H200 (driver 580.1, CUDA 13.0)" in text
@@ -135,8 +137,8 @@ def test_targets_missed_errors_and_skips_are_rows(gpu):
     assert [v for k, v in verdict.items() if k.startswith("llama-3.1-8b")] == [False, False, None]  # error, skip
     assert verdict["configurations slower than bf16 eager without a warning saying why"] is False
     text = gpu.markdown(result)
-    assert ("| 8B bnb-nf4 | llama-3.1-8b | – | – | – | – | – | – | – | OutOfMemoryError: CUDA out of memory. |"
-            in text)
+    assert ("| 8B bnb-nf4 | llama-3.1-8b | – | – | – | – | – | – | – | – | – | OutOfMemoryError: CUDA out of "
+            "memory. |" in text)
     assert "| llama-3.1-8b in nf4: weights (GiB) (8B bnb-nf4: OutOfMemoryError: CUDA out of memory.) | – |" in text
     assert "skipped: it takes about 110 s" in text and "No module named 'bitsandbytes'" in text
     assert "**no warning says why**" in text and "NVML has no energy counter for cuda:0" in text
