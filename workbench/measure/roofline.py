@@ -222,30 +222,39 @@ def _num(x: float) -> str:
 def kernel_fraction(fraction_of_bound: float | None, busy_share: float | None) -> float | None:
     """The share of the bandwidth bound the device's kernels reached while they ran: the step's bytes over its
     kernel time (busy share x TPOT), against the probed bandwidth. Below 1 by the whole gap when the kernels
-    themselves are slow for their bytes; above 1 when the weights are served from the CPU's caches."""
+    themselves are slow for their bytes; above 1 when the weights are served from the device's caches."""
     if not fraction_of_bound or not busy_share:
         return None
     return fraction_of_bound / busy_share
 
 
-def _far_below(who: str, batch: int, intensity: float | None, ridge: float | None, peak_why: str,
+def _far_below(kind: str, who: str, batch: int, intensity: float | None, ridge: float | None, peak_why: str,
                share: float, kernels: float) -> str:
-    """The sentence for a step below the ridge whose kernels read far slower than the bandwidth allows."""
-    ceiling = (f"batch {batch} does {_num(intensity)} FLOP per byte, below this {who}'s ridge of {_num(ridge)}"
+    """The sentence for a step whose kernels ran far below the limit that applies: slower than the bandwidth
+    allows (below the ridge), or far from the peak FLOP/s (above it)."""
+    side = "above" if kind == "compute" else "below"
+    ceiling = (f"batch {batch} does {_num(intensity)} FLOP per byte, {side} this {who}'s ridge of {_num(ridge)}"
                if intensity is not None and ridge is not None else
                f"compute was not compared: {peak_why or 'no FLOP count'}")
-    held = ("kernels too small to fill the GPU, or kernels that unpack quantized weights" if who == "GPU" else
-            "too little work per kernel, unpacking quantized weights, or other processes sharing the CPU")
-    return (f"Far below the bandwidth bound ({ceiling}): the {who} spent {100 * share:.0f} % of each decode step in "
-            f"kernels, but while they ran they read at only {100 * kernels:.0f} % of the bandwidth; the kernels, not "
-            f"the memory, hold this step back ({held}).")
+    if kind == "compute":
+        reached, verdict = "reached only", "the kernels are slower than the device's arithmetic allows"
+        limit = "peak FLOP/s"
+        held = f"matmuls of {batch} rows, attention and element-wise operations, all slower than the probe's matmul"
+    else:
+        reached, verdict, limit = "read at only", "the kernels, not the memory, hold this step back", "bandwidth"
+        held = ("kernels too small to fill the GPU, or kernels that unpack quantized weights" if who == "GPU" else
+                "too little work per kernel, unpacking quantized weights")
+    held += ", or other processes sharing the CPU" if who == "CPU" else ""
+    return (f"Far below the {kind} bound ({ceiling}): the {who} spent {100 * share:.0f} % of each decode step in "
+            f"kernels, but while they ran they {reached} {100 * kernels:.0f} % of the {limit}; {verdict} ({held}).")
 
 
 def _bound_sentence(kind: str, who: str, batch: int, busy: Busy | None, intensity: float | None,
                     ridge: float | None, peak_why: str, compiled: bool, cuda_graphs: bool,
-                    kernels: float | None = None) -> str:
+                    kernels: float | None = None, kernel_flops: float | None = None) -> str:
     """One sentence: the limit that holds, the numbers that decided it, and what to try. `kernels` is the share
-    of the bandwidth the kernels reached while they ran (`kernel_fraction`)."""
+    of the bandwidth the kernels reached while they ran (`kernel_fraction`), `kernel_flops` their share of the
+    peak FLOP/s."""
     share = busy.share if busy is not None else None
     if share is None:
         worked = f"the {who}'s busy share is unknown ({busy.why if busy else 'not measured'})"
@@ -261,11 +270,16 @@ def _bound_sentence(kind: str, who: str, batch: int, busy: Busy | None, intensit
                 "compile with CUDA graphs (--compile).")
         return worked[0].upper() + worked[1:] + ", the rest in Python and dispatch: overhead-bound — " + (
             "even compiled; a larger batch does more work per step." if compiled else "try --compile.")
+    they = "they" if who == "CPU" else "its kernels"
     if kind == "bandwidth" and share is not None and kernels is not None:
         if kernels < KERNELS_FAR_BELOW:
-            return _far_below(who, batch, intensity, ridge, peak_why, share, kernels)
-        worked += (f", and {'they' if who == 'CPU' else 'its kernels'} read at {100 * kernels:.0f} % of the "
-                   "bandwidth while they ran" + (f" (the weights come from the {who}'s caches)" if kernels > 1 else ""))
+            return _far_below(kind, who, batch, intensity, ridge, peak_why, share, kernels)
+        worked += (f", and {they} read at {100 * kernels:.0f} % of the bandwidth while they ran"
+                   + (f" (the weights come from the {who}'s caches)" if kernels > 1 else ""))
+    if kind == "compute" and share is not None and kernel_flops is not None:
+        if kernel_flops < KERNELS_FAR_BELOW:
+            return _far_below(kind, who, batch, intensity, ridge, peak_why, share, kernel_flops)
+        worked += f", and {they} reached {100 * kernel_flops:.0f} % of the peak FLOP/s while they ran"
     if intensity is None or ridge is None:
         return f"Bandwidth-bound (compute was not compared: {peak_why or 'no FLOP count'}); {worked}."
     side = "above" if intensity > ridge else "below"
@@ -286,9 +300,11 @@ def roofline(bandwidth: Bandwidth, bytes_per_step: int, batch: int, decode_token
     share = busy.share if busy else None
     kind = classify(bound is not None, share, intensity, ridge)
     kernels = kernel_fraction(fraction, share)
+    kernel_flops = (flops_per_step * decode_tokens_per_s / batch / share / peak.flops_per_s
+                    if flops_per_step and decode_tokens_per_s and share and peak is not None else None)
     explanation = " ".join(x for x in (
-        _bound_sentence(kind, who, batch, busy, intensity, ridge, peak_why, compiled, cuda_graphs, kernels)
-        if kind else "",
+        _bound_sentence(kind, who, batch, busy, intensity, ridge, peak_why, compiled, cuda_graphs, kernels,
+                        kernel_flops) if kind else "",
         bandwidth.explanation, peak.explanation if peak is not None else "") if x)
     return RooflineStats(bandwidth_bytes_per_s=bandwidth.bytes_per_s, bytes_per_token=int(per_token),
                          decode_bound_tokens_per_s=bound, fraction_of_bound=fraction,
