@@ -300,3 +300,41 @@ def test_more_threads_than_cores_is_a_warning_in_the_printed_result(capsys, tmp_
     monkeypatch.setattr(workbench.execution, "cpu_cores", lambda: 1)
     assert main(["run", "--model", "tiny", *FAST, "--threads", "2", "--store", str(tmp_path / "r.sqlite")]) == 0
     assert "warning: threads 2 is more than the 1 CPU cores this process may use" in capsys.readouterr().out
+
+
+def test_help_imports_no_command_and_neither_torch_nor_transformers():
+    """`workbench --help` (and a light command's --help) took 3.1-3.8 s here importing torch through every
+    subcommand's module; only the module of the command being run is imported now."""
+    code = ("import sys\nfrom workbench.cli import main\n"
+            "for argv in (['--help'], ['report', '--help'], ['nosuch']):\n"
+            "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
+            "print(sorted(m for m in ('torch', 'transformers', 'workbench.cli.run', 'workbench.cli.sweep') "
+            "if m in sys.modules), file=sys.stderr)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.splitlines()[-1] == "[]"
+    listing = " ".join(done.stdout.split())
+    from workbench.cli.common import HELP
+
+    assert all(f"{name} {text}" in listing for name, text in HELP.items())
+    assert "Write one self-contained HTML page comparing stored runs" in listing  # report's own help
+    assert "invalid choice: 'nosuch'" in done.stderr
+
+
+def test_each_command_parses_as_the_whole_parser_does():
+    """The parser `main` builds for one command is the whole parser's, and lists the others the same way."""
+    from workbench.cli import COMMANDS, build_parser
+    from workbench.cli.common import HELP
+
+    assert list(COMMANDS) == list(HELP)  # one line of help per command, in the listing's order
+    assert build_parser([]).format_help() == build_parser().format_help()
+    whole = build_parser()._subparsers._group_actions[0].choices
+    for name in COMMANDS:
+        one = build_parser([name])._subparsers._group_actions[0].choices
+        assert one[name].format_help() == whole[name].format_help(), name
+        assert [a.dest for a in one[name]._actions] == [a.dest for a in whole[name]._actions], name
+
+
+def test_options_before_the_command(capsys, tmp_path):
+    assert main(["-v", "results", "--store", str(tmp_path / "none.sqlite")]) == 0
+    assert "no runs yet" in capsys.readouterr().out

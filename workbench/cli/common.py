@@ -13,6 +13,21 @@ from workbench.events import StageEvent
 
 EXIT_ERROR, EXIT_USAGE, EXIT_STOPPED = 1, 2, 130
 
+# Each subcommand's line in `workbench --help`, in that listing's order. The package lists every command from this
+# table and imports only the module of the one being run (see `workbench.cli`).
+HELP = {
+    "run": "load a model, apply techniques, measure latency, memory and accuracy",
+    "models": "list model sources",
+    "techniques": "list techniques, their parameters, and whether they run here",
+    "results": "list stored runs, or export them",
+    "report": "write an offline HTML comparison of stored runs",
+    "sensitivity": "per-layer error (SQNR, KL) of one technique, and a weight histogram",
+    "sweep": "run a grid of configurations, storing each; a rerun skips stored ones",
+    "distill": "distil a smaller student from a teacher; save it as student:NAME",
+    "dashboard": "serve the app as a Voila dashboard (127.0.0.1 unless told otherwise)",
+    "build-reference": "rebuild the `tiny` reference model from the stdlib docs",
+}
+
 
 class Parser(argparse.ArgumentParser):
     """argparse that reports a usage error as one sentence (plus a pointer to --help)."""

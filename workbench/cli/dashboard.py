@@ -8,7 +8,7 @@ import json
 import sys
 from typing import Any
 
-from workbench.cli.common import usage
+from workbench.cli.common import HELP, usage
 from workbench.config import RunConfig
 from workbench.flags import add_dataclass_arguments, flag
 from workbench.serve import dashboard
@@ -18,7 +18,7 @@ from workbench.serve.publish import PublishPolicy
 
 def add_dashboard_parser(sub: Any) -> None:
     """The `dashboard` subcommand: DashboardConfig's flags, the publisher's caps, and --set defaults."""
-    d = sub.add_parser("dashboard", help="serve the app as a Voila dashboard (127.0.0.1 unless told otherwise)",
+    d = sub.add_parser("dashboard", help=HELP["dashboard"],
                        description="Serve the app with Voila. On 127.0.0.1 it is yours alone; on any other "
                        "address it is published: a token is required and the publisher's lock is on by default.")
     add_dataclass_arguments(d, DashboardConfig, skip=("token", "lock"))

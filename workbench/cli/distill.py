@@ -9,7 +9,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from workbench.cli.common import EXIT_STOPPED, fail, usage
+from workbench.cli.common import EXIT_STOPPED, HELP, fail, usage
 from workbench.cli.interrupt import stop_on_ctrl_c
 from workbench.distill import DistillConfig, DistillResult, distill
 from workbench.errors import WorkbenchError
@@ -38,7 +38,7 @@ the current step and still saves the best checkpoint; a second Ctrl-C aborts wit
 
 def add_distill_parser(sub: Any) -> None:
     """The `distill` subcommand's arguments: one flag per DistillConfig field, plus --json."""
-    p = sub.add_parser("distill", help="distil a smaller student from a teacher; save it as student:NAME",
+    p = sub.add_parser("distill", help=HELP["distill"],
                        description="Make a student from the teacher (pruned or with fewer layers), train it to "
                        "match the teacher's next-token distributions, and save the best checkpoint as a model "
                        "source.", epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -5,14 +5,14 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from workbench.cli.common import fail
+from workbench.cli.common import HELP, fail
 from workbench.errors import ExportError, StoreError
 from workbench.paths import STORE_HELP
 
 
 def add_report_parser(sub: Any) -> None:
     """The `report` subcommand's flags."""
-    r = sub.add_parser("report", help="write an offline HTML comparison of stored runs",
+    r = sub.add_parser("report", help=HELP["report"],
                        description="Write one self-contained HTML page comparing stored runs: their settings, latency, "
                        "memory, accuracy, roofline (with the bound that holds), energy and warnings, with one figure "
                        "per section. plotly.js is inlined, so the page opens offline. Run ids are the numbers "

@@ -7,7 +7,7 @@ import json
 import sys
 from typing import Any
 
-from workbench.cli.common import fail
+from workbench.cli.common import HELP, fail
 from workbench.errors import StoreError
 from workbench.paths import STORE_HELP
 from workbench.report import format_result, format_summaries
@@ -16,7 +16,7 @@ from workbench.store import Store
 
 def add_results_parser(sub: Any) -> None:
     """The `results` subcommand's flags."""
-    r = sub.add_parser("results", help="list stored runs, or export them",
+    r = sub.add_parser("results", help=HELP["results"],
                        description="List the runs in the results store (newest first), show one in full, or export "
                        "them all as CSV or JSON. Every entry point (run, sweep, the app, the dashboard) writes to the "
                        "same default store, so this lists them all; the listing names the store's path. Listing "

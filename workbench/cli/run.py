@@ -8,7 +8,7 @@ import sys
 from typing import Any
 
 from workbench import runner
-from workbench.cli.common import EXIT_STOPPED, fail, progress_printer, usage
+from workbench.cli.common import EXIT_STOPPED, HELP, fail, progress_printer, usage
 from workbench.cli.interrupt import stop_on_ctrl_c
 from workbench.config import RunConfig
 from workbench.errors import ConfigError, InsufficientMemory, WorkbenchError
@@ -25,7 +25,7 @@ from workbench.techniques import describe_techniques
 
 def add_run_parser(sub: Any) -> None:
     """The `run` subcommand: one flag per RunConfig field, --quant/--prune, and the output flags."""
-    p = sub.add_parser("run", help="load a model, apply techniques, measure latency, memory and accuracy",
+    p = sub.add_parser("run", help=HELP["run"],
                        description="Run one configuration and store its result.")
     add_run_arguments(p)
 
@@ -55,11 +55,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     return EXIT_STOPPED if result.status == "stopped" else 0
 
 
-def add_listing_parsers(sub: Any) -> None:
-    """`models` and `techniques`: what can be run here."""
-    m = sub.add_parser("models", help="list model sources")
+def add_models_parser(sub: Any) -> None:
+    """`models`: the model sources that can be run."""
+    m = sub.add_parser("models", help=HELP["models"])
     m.add_argument("--json", action="store_true")
-    t = sub.add_parser("techniques", help="list techniques, their parameters, and whether they run here")
+
+
+def add_techniques_parser(sub: Any) -> None:
+    """`techniques`: what each technique does and whether it runs here."""
+    t = sub.add_parser("techniques", help=HELP["techniques"])
     t.add_argument("--device", default="auto", help="device to check against (default: auto)")
     t.add_argument("--engine", default="hf", choices=sorted(engines()),
                    help="inference engine to check against (default: hf)")
@@ -94,7 +98,7 @@ def cmd_techniques(args: argparse.Namespace) -> int:
 
 def add_build_reference_parser(sub: Any) -> None:
     """`build-reference`: one flag per Recipe field, and the output folder."""
-    b = sub.add_parser("build-reference", help="rebuild the `tiny` reference model from the stdlib docs")
+    b = sub.add_parser("build-reference", help=HELP["build-reference"])
     b.add_argument("--out", default="build/tiny", help="output folder (default: build/tiny)")
     add_dataclass_arguments(b, Recipe)
 
@@ -114,7 +118,7 @@ def cmd_build_reference(args: argparse.Namespace) -> int:
 
 def add_sensitivity_parser(sub: Any) -> None:
     """`sensitivity`: one technique's per-layer error."""
-    s = sub.add_parser("sensitivity", help="per-layer error (SQNR, KL) of one technique, and a weight histogram")
+    s = sub.add_parser("sensitivity", help=HELP["sensitivity"])
     s.add_argument("--model", default="tiny", help="model source (default: tiny)")
     s.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"))
     s.add_argument("--device", default="auto")

@@ -7,7 +7,7 @@ import json
 import sys
 from typing import Any
 
-from workbench.cli.common import EXIT_ERROR, EXIT_STOPPED, fail, usage
+from workbench.cli.common import EXIT_ERROR, EXIT_STOPPED, HELP, fail, usage
 from workbench.cli.interrupt import stop_on_ctrl_c
 from workbench.errors import WorkbenchError
 from workbench.paths import STORE_HELP
@@ -35,7 +35,7 @@ ends the sweep (the partial run is stored as stopped); a second Ctrl-C aborts.
 
 def add_sweep_parser(sub: Any) -> None:
     """The `sweep` subcommand's arguments."""
-    s = sub.add_parser("sweep", help="run a grid of configurations, storing each; a rerun skips stored ones",
+    s = sub.add_parser("sweep", help=HELP["sweep"],
                        description="Run every combination of the grid's values, in order, storing each run as it "
                        "ends.", epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     s.add_argument("file", nargs="?", default=None, help="YAML or JSON grid file: {base: {...}, grid: {...}}")
