@@ -43,9 +43,9 @@ logger = logging.getLogger(__name__)
 # torch <= 2.12 warns "Profiler clears events at the end of each cycle" even when the schedule has one cycle, as
 # here (fixed by pytorch#180387). Its advice, acc_events=True, makes the profiler build its FunctionEvent tree as the
 # trace stops: 2-4 s per run on the CPU, several times the profiled call itself. The events are read from the kineto
-# results instead (`spans`), so the warning is spurious.
-warnings.filterwarnings("ignore", message="Warning: Profiler clears events at the end of each cycle",
-                        category=UserWarning)
+# results instead (`spans`), so the warning is spurious. The filter is put back before every profiled call: code that
+# restores the warning filters (pytest around each test, `warnings.catch_warnings`) would drop one made at import.
+_SPURIOUS = dict(message="Warning: Profiler clears events at the end of each cycle", category=UserWarning)
 
 PROFILED_STEPS = 16  # at most this many decode steps are recorded (a short trace keeps the extra call cheap)
 _STEP = "ProfilerStep"  # the profiler's own annotation of each step (its name ends with the step number)
@@ -145,6 +145,7 @@ def profile_decode(engine: Any, device: torch.device, new_tokens: int, tpot_ms: 
     if not tpot_ms:
         return Busy(None, None, 0, who, "no time per output token was measured")
     first, active = window(new_tokens)
+    warnings.filterwarnings("ignore", **_SPURIOUS)  # first in the list, once (an equal filter is moved, not added)
     activity = torch.profiler.ProfilerActivity
     activities = [activity.CPU, activity.CUDA] if who == "GPU" else [activity.CPU]
     got: dict[str, Any] = {}
