@@ -1,8 +1,9 @@
 """`workbench` command line: run, models, techniques, results, report, sensitivity, sweep, distill, dashboard,
 build-reference.
 
-One module per subcommand family under this package (each adds its parser and runs its command); this
-module assembles them, importing only the module of the command being run. `main` is the `workbench` console script (`python -m workbench` too).
+One module per subcommand family under this package (each adds its parser and runs its command); this module
+lists them and imports only the module of the command being run. `main` is the `workbench` console script
+(`python -m workbench` too).
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ from workbench.cli.common import EXIT_STOPPED, HELP, Parser
 __all__ = ["build_parser", "main", "COMMANDS", "command"]
 
 # Each subcommand: the module that adds its parser and runs it, and those two functions' names. A module is imported
-# only when its command is parsed or run, so `workbench --help`, `results` and `report` do not import torch (the
-# modules of run, sweep, distill and dashboard do, through the run configuration).
+# only when its command is parsed or run, so `workbench --help` (and `report --help`) import no torch; the commands
+# that read run configurations or results import it with them.
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "run": ("workbench.cli.run", "add_run_parser", "cmd_run"),
     "models": ("workbench.cli.run", "add_models_parser", "cmd_models"),
