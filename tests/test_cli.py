@@ -338,3 +338,12 @@ def test_each_command_parses_as_the_whole_parser_does():
 def test_options_before_the_command(capsys, tmp_path):
     assert main(["-v", "results", "--store", str(tmp_path / "none.sqlite")]) == 0
     assert "no runs yet" in capsys.readouterr().out
+
+
+def test_a_reader_that_closes_the_pipe_gets_no_traceback(tmp_path):
+    """`workbench techniques --json | head -c 200` printed a BrokenPipeError traceback."""
+    child = subprocess.Popen([sys.executable, "-m", "workbench", "techniques", "--json"], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    child.stdout.close()  # before the command prints anything (importing takes seconds)
+    err = child.stderr.read()
+    assert child.wait(timeout=300) == 141 and err == "", err

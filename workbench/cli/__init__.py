@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Callable, Collection, Sequence
 
 from workbench import __version__, logs
-from workbench.cli.common import EXIT_STOPPED, HELP, Parser
+from workbench.cli.common import EXIT_PIPE, EXIT_STOPPED, HELP, Parser
 
 __all__ = ["build_parser", "main", "COMMANDS", "command"]
 
@@ -77,3 +78,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("aborted", file=sys.stderr)
         return EXIT_STOPPED
+    except BrokenPipeError:  # the reader closed our stdout (`workbench results | head`): stop quietly, as `cat` does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the flush at exit does not fail again
+        return EXIT_PIPE

@@ -12,6 +12,7 @@ from typing import Any
 from workbench.events import StageEvent
 
 EXIT_ERROR, EXIT_USAGE, EXIT_STOPPED = 1, 2, 130
+EXIT_PIPE = 141  # 128 + SIGPIPE: what a shell reports for a command whose reader went away
 
 # Each subcommand's line in `workbench --help`, in that listing's order. The package lists every command from this
 # table and imports only the module of the one being run (see `workbench.cli`).
