@@ -62,15 +62,18 @@ class Config(NamedTuple):
     engine: str
     dtype: str
     techniques: tuple[str, ...] = ()
+    execution: tuple[tuple[str, Any], ...] = ()  # RunConfig settings such as compile and the KV cache
 
     def run_config(self, model: str, threads: int, **measure: Any) -> RunConfig:
         """This configuration on `model`, measured on the CPU with `threads` threads."""
         return RunConfig(model=model, engine=self.engine, dtype=self.dtype, techniques=self.techniques, device="cpu",
-                         threads=threads, min_duration_s=0.0, token_events=False, **measure)
+                         threads=threads, min_duration_s=0.0, token_events=False, **dict(self.execution), **measure)
 
 
 CONFIGS = [Config(BASELINE, "hf", "fp32"),
-           Config("PyTorch best: dynamic-int8 + int8 head", "hf", "fp32", ("dynamic-int8:lm_head=true",)),
+           Config("PyTorch dynamic-int8 + int8 head", "hf", "fp32", ("dynamic-int8:lm_head=true",)),
+           Config("PyTorch best: w8a8 + torch.compile", "hf", "fp32", ("w8a8",),
+                  (("compile", True), ("kv_cache", "static"))),
            *(Config(f"llama.cpp {name}", "llamacpp", dtype) for name, dtype in
              (("F32", "fp32"), ("F16", "fp16"), ("BF16", "bf16"))),
            *(Config(f"llama.cpp {t}", "llamacpp", "fp32", (f"gguf:type={t}",)) for t in GGUF_TYPES)]

@@ -34,6 +34,7 @@ CONFIGS = [
     ("fp32 (baseline)", "fp32", ()),
     ("bf16", "bf16", ()),
     ("dynamic-int8", "fp32", ("dynamic-int8",)),
+    ("w8a8", "fp32", ("w8a8",)),
     ("bnb-int8", "fp32", ("bnb-int8",)),
     ("bnb-nf4", "fp32", ("bnb-nf4",)),
     ("bnb-fp4", "fp32", ("bnb-fp4",)),

@@ -68,7 +68,7 @@ def test_every_gguf_type_and_both_pytorch_baselines_are_benchmarked(engines):
     specs = {c.techniques for c in engines.CONFIGS if c.engine == "llamacpp"}
     assert {(f"gguf:type={t}",) for t in GGUF_TYPES} | {()} == specs
     assert {c.dtype for c in engines.CONFIGS if c.engine == "llamacpp" and not c.techniques} == {"fp32", "fp16", "bf16"}
-    assert [c.engine for c in engines.CONFIGS[:2]] == ["hf", "hf"]
+    assert [c.engine for c in engines.CONFIGS[:3]] == ["hf", "hf", "hf"]
 
 
 def test_targets_met_and_missed(engines):

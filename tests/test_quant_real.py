@@ -27,29 +27,31 @@ from workbench.techniques.base import ApplyContext, handler_for
 load_all()
 CPU = torch.device("cpu")
 REAL = ("bnb-int8", "bnb-nf4", "bnb-fp4", "torchao-int8-weight", "torchao-int8-dynamic", "torchao-int4-weight",
-        "dynamic-int8")
+        "dynamic-int8", "w8a8", "w4a16")
 ON_CPU = tuple(n for n in REAL if n != "torchao-int4-weight")
 
 # Bytes per block-Linear weight after quantization: (low, high). int8 stores 1 byte per weight plus a
 # float32 scale per output row (and, for dynamic-int8 per-channel, the float64 scale + int64 zero point
 # that torch.ao's unpacked copy exposes: 16 bytes per row); 4-bit stores 0.5 byte per weight plus one
-# absmax per 64 weights (1 byte double-quantized, 4 bytes plain) and a few small code books.
+# absmax per 64 weights (1 byte double-quantized, 4 bytes plain) and a few small code books; w4a16 0.5 byte
+# plus a bf16 scale and zero point per group of 32 (0.625).
 BYTES_PER_WEIGHT = {"bnb-int8": (1.0, 1.05), "torchao-int8-weight": (1.0, 1.05), "torchao-int8-dynamic": (1.0, 1.05),
-                    "dynamic-int8": (1.0, 1.1), "bnb-nf4": (0.5, 0.56), "bnb-fp4": (0.5, 0.56)}
+                    "dynamic-int8": (1.0, 1.1), "w8a8": (1.0, 1.05), "w4a16": (0.62, 0.63), "bnb-nf4": (0.5, 0.56), "bnb-fp4": (0.5, 0.56)}
 
 # KL(unmodified || quantized) in nats per position over ~300 held-out tokens (windows of 64), and the share
 # of positions whose top-1 token is unchanged. Measured on the trained reference model (6 layers, hidden
 # 256, MLP 768, held-out perplexity 43): torchao int8 weight-only 0.0003, bnb-int8 0.0013, torchao int8
 # dynamic 0.0023, dynamic-int8 0.038 (fbgemm quantizes activations per tensor to 7 bits), NF4 0.054,
-# FP4 0.093; top-1 agreement 0.96-0.99 for int8, 0.87 for dynamic-int8, 0.78-0.82 for 4-bit.
+# FP4 0.093, w8a8 (int8 per token, head quantized too) 0.0022, w4a16 (groups of 32, head too) 0.038; top-1 agreement 0.96-0.99 for int8, 0.87 for
+# dynamic-int8, 0.78-0.82 for 4-bit.
 # For scale, on the same tokens: 8-bit round-to-nearest weights 0.0003, 4-bit (groups of 64) 0.07,
 # 3-bit 0.34, one MLP down-projection zeroed 0.31, 2-bit 3.1, one q_proj with permuted rows 5.9.
 # So the bounds leave 2-8x headroom for a retrained model, keep int8 below 4-bit-sized damage, and keep
 # 4-bit below what 3-bit rounding or a single dead layer costs.
 KL_BOUND = {"torchao-int8-weight": 0.01, "bnb-int8": 0.01, "torchao-int8-dynamic": 0.01, "dynamic-int8": 0.1,
-            "bnb-nf4": 0.2, "bnb-fp4": 0.2, "torchao-int4-weight": 0.2}
+            "w8a8": 0.01, "w4a16": 0.2, "bnb-nf4": 0.2, "bnb-fp4": 0.2, "torchao-int4-weight": 0.2}
 TOP1_MIN = {"torchao-int8-weight": 0.9, "bnb-int8": 0.9, "torchao-int8-dynamic": 0.9, "dynamic-int8": 0.75,
-            "bnb-nf4": 0.65, "bnb-fp4": 0.65, "torchao-int4-weight": 0.65}
+            "w8a8": 0.9, "w4a16": 0.65, "bnb-nf4": 0.65, "bnb-fp4": 0.65, "torchao-int4-weight": 0.65}
 
 
 def apply(name_or_spec: str, model: torch.nn.Module, tokenizer=None, device: torch.device = CPU,
@@ -241,6 +243,10 @@ def test_weight_bytes_drop_and_parameter_count_stays(name, quantized, tiny):
     linear_params = sum(m.weight.numel() for _, m in block_linears(tiny.model))
     linear_bytes = sum(m.weight.numel() * m.weight.element_size() for _, m in block_linears(tiny.model))
     rest = weight_bytes(tiny.model) - linear_bytes  # embeddings, norms, the output projection: unchanged
+    if not isinstance(model.get_output_embeddings(), torch.nn.Linear):  # quantized too: an int8 copy of a tied head
+        head = tiny.model.get_output_embeddings().weight
+        linear_params += head.numel()
+        rest -= 0 if head is tiny.model.get_input_embeddings().weight else head.numel() * head.element_size()
     low, high = BYTES_PER_WEIGHT[name]
     after = weight_bytes(model)
     assert rest + low * linear_params <= after <= rest + high * linear_params, \

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from workbench.errors import ConfigError
@@ -15,6 +17,17 @@ def block_linears(model: torch.nn.Module, include_lm_head: bool = False) -> list
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     return [(name, m) for name, m in model.named_modules()
             if isinstance(m, torch.nn.Linear) and (include_lm_head or m is not head)]
+
+
+def output_head(model: torch.nn.Module) -> tuple[str | None, bool]:
+    """(module name of the output projection, whether it shares its weight with the input embeddings); (None,
+    False) when the output projection is not an nn.Linear."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if not isinstance(head, torch.nn.Linear):
+        return None, False
+    name = next(n for n, m in model.named_modules() if m is head)
+    embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    return name, embed is not None and getattr(embed, "weight", None) is head.weight
 
 
 def block_weights(model: torch.nn.Module, include_lm_head: bool = False) -> list[tuple[str, torch.nn.Module]]:
@@ -73,3 +86,32 @@ def require_linears(model: torch.nn.Module, technique: str,
     if not layers:
         raise ConfigError(f"{technique} converts nn.Linear layers and {type(model).__name__} has none")
     return layers
+
+
+def swap_linears(model: torch.nn.Module, technique: str, notes: list[str], lm_head: bool,
+                 make: Callable[[torch.nn.Linear], torch.nn.Module | None],
+                 on_progress: Callable[[str, float | None], None]) -> str:
+    """Replace every block Linear (and, with `lm_head`, the output projection) by `make(linear)`, in place; a layer
+    for which `make` returns None stays as it is. Returns what happened to the output projection, for the notes.
+
+    A quantized head tied to the input embeddings gets its own copy (the lookup keeps the float table), and its
+    parameters are counted once, as the embedding's (`_workbench_param_count` = 0).
+    """
+    layers = dict(require_linears(model, technique, notes))
+    head_name, tied = output_head(model) if lm_head else (None, False)
+    if head_name is not None:
+        layers[head_name] = model.get_submodule(head_name)
+    on_progress("quantizing Linear weights", 0.0)
+    for i, (name, linear) in enumerate(layers.items()):
+        new = make(linear)
+        if new is not None:
+            model.set_submodule(name, new)
+        on_progress("quantizing Linear weights", (i + 1) / len(layers))
+    if head_name is None:
+        return "the output projection kept in float"
+    if model.get_submodule(head_name) is layers[head_name]:
+        return "the output projection kept in float (its shape does not fit the kernel)"
+    if tied:
+        model.get_submodule(head_name)._workbench_param_count = 0  # counted once, as the embedding
+        return "the output projection quantized too, as its own copy of the tied embeddings"
+    return "the output projection quantized too"

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from workbench.options import option
-from workbench.techniques._targets import require_linears
+from workbench.techniques._targets import output_head, require_linears
 from workbench.techniques.base import ApplyContext, Expectation, TechniqueConfig, register, register_handler
 
 logger = logging.getLogger(__name__)
@@ -85,7 +85,7 @@ def apply_dynamic_int8(config: DynamicInt8Config, ctx: ApplyContext) -> None:
     layers = require_linears(ctx.model, config.name, ctx.notes)
     counts = {name: layer.weight.numel() + (layer.bias.numel() if layer.bias is not None else 0)
               for name, layer in layers}
-    head_name, tied = _head(ctx.model) if config.lm_head else (None, False)
+    head_name, tied = output_head(ctx.model) if config.lm_head else (None, False)
     if head_name is not None:
         counts[head_name] = 0 if tied else ctx.model.get_submodule(head_name).weight.numel()  # tied: counted once
     ctx.on_progress("quantizing Linear weights", 0.0)
@@ -99,12 +99,3 @@ def apply_dynamic_int8(config: DynamicInt8Config, ctx: ApplyContext) -> None:
     ctx.notes.append(f"{len(counts)} Linear layers quantized ({kept}); quantized engine "
                      f"{torch.backends.quantized.engine}")
 
-
-def _head(model: torch.nn.Module) -> tuple[str | None, bool]:
-    """(module name of the output projection, whether it shares its weight with the input embeddings)."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if not isinstance(head, torch.nn.Linear):
-        return None, False
-    name = next(n for n, m in model.named_modules() if m is head)
-    embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    return name, embed is not None and getattr(embed, "weight", None) is head.weight
