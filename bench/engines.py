@@ -64,6 +64,10 @@ class Config(NamedTuple):
     techniques: tuple[str, ...] = ()
     execution: tuple[tuple[str, Any], ...] = ()  # RunConfig settings such as compile and the KV cache
 
+    def accuracy_warmup(self) -> int:
+        """Untimed calls before an accuracy run: none, but one where the run compiles (it compiles in its warm-up)."""
+        return 1 if dict(self.execution).get("compile") else 0
+
     def run_config(self, model: str, threads: int, **measure: Any) -> RunConfig:
         """This configuration on `model`, measured on the CPU with `threads` threads."""
         return RunConfig(model=model, engine=self.engine, dtype=self.dtype, techniques=self.techniques, device="cpu",
@@ -72,8 +76,8 @@ class Config(NamedTuple):
 
 CONFIGS = [Config(BASELINE, "hf", "fp32"),
            Config("PyTorch dynamic-int8 + int8 head", "hf", "fp32", ("dynamic-int8:lm_head=true",)),
-           Config("PyTorch best: w8a8 + torch.compile", "hf", "fp32", ("w8a8",),
-                  (("compile", True), ("kv_cache", "static"))),
+           *(Config(f"PyTorch {spec} + torch.compile", "hf", "fp32", (spec,),
+                    (("compile", True), ("kv_cache", "static"))) for spec in ("w8a8", "w4a16")),
            *(Config(f"llama.cpp {name}", "llamacpp", dtype) for name, dtype in
              (("F32", "fp32"), ("F16", "fp16"), ("BF16", "bf16"))),
            *(Config(f"llama.cpp {t}", "llamacpp", "fp32", (f"gguf:type={t}",)) for t in GGUF_TYPES)]
@@ -218,7 +222,7 @@ def accuracy(args: argparse.Namespace) -> list[dict[str, Any]]:
     rows = []
     for c in configs:
         try:
-            r = run(c.run_config("tiny", args.threads, max_new_tokens=8, warmup=0, repeats=1,
+            r = run(c.run_config("tiny", args.threads, max_new_tokens=8, warmup=c.accuracy_warmup(), repeats=1,
                                  eval_tokens=args.eval_tokens, eval_context=256))
         except WorkbenchError as e:
             print(f"  {c.label}: {e}", file=sys.stderr)

@@ -61,12 +61,14 @@ SPEED_CONFIGS: list[tuple[str, str, tuple[str, ...], dict[str, Any]]] = [
     ("torchao-int8-weight + torch.compile", "fp32", ("torchao-int8-weight",), {"kv_cache": "static", "compile": True}),
     ("w8a8", "fp32", ("w8a8",), {}),
     ("w8a8 + torch.compile", "fp32", ("w8a8",), {"kv_cache": "static", "compile": True}),
+    ("w4a16", "fp32", ("w4a16",), {}),
+    ("w4a16 + torch.compile", "fp32", ("w4a16",), {"kv_cache": "static", "compile": True}),
     ("structured MLP 1/2 + dynamic-int8 + int8 head", "fp32",
      ("structured:mlp_ratio=0.5", "dynamic-int8:lm_head=true"), {}),
     ("structured heads 1/2, MLP 1/2 + dynamic-int8 + int8 head", "fp32",
      ("structured:heads_ratio=0.5,mlp_ratio=0.5", "dynamic-int8:lm_head=true"), {}),
-    ("structured heads 1/2, MLP 1/2 + w8a8 + torch.compile", "fp32",
-     ("structured:heads_ratio=0.5,mlp_ratio=0.5", "w8a8"), {"kv_cache": "static", "compile": True}),
+    ("structured heads 1/2, MLP 1/2 + w4a16 + torch.compile", "fp32",
+     ("structured:heads_ratio=0.5,mlp_ratio=0.5", "w4a16"), {"kv_cache": "static", "compile": True}),
 ]
 
 TARGETS = {"fidelity_within": 0.05, "events_overhead_max": 0.02, "best_speedup_min": 5.0, "best_roofline_min": 0.40,

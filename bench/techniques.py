@@ -35,6 +35,7 @@ CONFIGS = [
     ("bf16", "bf16", ()),
     ("dynamic-int8", "fp32", ("dynamic-int8",)),
     ("w8a8", "fp32", ("w8a8",)),
+    ("w4a16", "fp32", ("w4a16",)),
     ("bnb-int8", "fp32", ("bnb-int8",)),
     ("bnb-nf4", "fp32", ("bnb-nf4",)),
     ("bnb-fp4", "fp32", ("bnb-fp4",)),

@@ -71,6 +71,17 @@ def test_every_gguf_type_and_both_pytorch_baselines_are_benchmarked(engines):
     assert [c.engine for c in engines.CONFIGS[:3]] == ["hf", "hf", "hf"]
 
 
+def test_every_configuration_makes_a_valid_run_for_speed_and_accuracy(engines):
+    """A compiled configuration needs a warm-up call in its accuracy run too (RunConfig refuses compile without)."""
+    for c in engines.CONFIGS:
+        speed = c.run_config(engines.SPEED_MODEL, 2, max_new_tokens=128, warmup=1, repeats=3, eval_tokens=0)
+        acc = c.run_config("tiny", 2, max_new_tokens=8, warmup=c.accuracy_warmup(), repeats=1, eval_tokens=4096,
+                           eval_context=256)
+        assert speed.compile == acc.compile == dict(c.execution).get("compile", False)
+    assert {c.label for c in engines.CONFIGS if c.execution} == {"PyTorch w8a8 + torch.compile",
+                                                                 "PyTorch w4a16 + torch.compile"}
+
+
 def test_targets_met_and_missed(engines):
     lb = {"tokens_per_s": 95.0, "status": "ok"}
     v = _verdicts(engines.targets(SPEED, ACC, lb))

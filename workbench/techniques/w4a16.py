@@ -78,7 +78,7 @@ class W4A16Config(TechniqueConfig):
     simulated = False
     packs_weights = True
     summary = "4-bit weights in groups with bf16 activations on PyTorch's CPU int4 kernel; compiles in one graph (CPU)"
-    expect = Expectation(max_kl=0.1, min_kl=0.01)  # tiny: KL 0.038, perplexity 22.81 vs 22.28 (64 tokens)
+    expect = Expectation(max_kl=0.1, min_kl=0.01)  # tiny: KL 0.0398, perplexity 57.01 vs 56.11
 
     group_size: int = option(32, "Inputs per quantization group (smaller: more accurate, more scales).",
                              choices=GROUP_SIZES)

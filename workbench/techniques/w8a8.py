@@ -68,7 +68,7 @@ class W8A8Config(TechniqueConfig):
     simulated = False
     packs_weights = True
     summary = "int8 weights (per row) and activations (per token) on torch._int_mm; compiles in one graph (CPU)"
-    expect = Expectation(max_kl=0.006, min_kl=0.0005)  # tiny: KL 0.00217, perplexity 22.30 vs 22.28 (64 tokens)
+    expect = Expectation(max_kl=0.006, min_kl=0.0005)  # tiny: KL 0.00244, perplexity 56.26 vs 56.11
 
     lm_head: bool = option(True, "Also quantize the output projection. A head tied to the embeddings gets its "
                            "own int8 copy (the embedding lookup stays float and reads one row per token), so "
