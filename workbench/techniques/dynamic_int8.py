@@ -98,4 +98,3 @@ def apply_dynamic_int8(config: DynamicInt8Config, ctx: ApplyContext) -> None:
             if head_name else "output projection and embeddings kept in fp32")
     ctx.notes.append(f"{len(counts)} Linear layers quantized ({kept}); quantized engine "
                      f"{torch.backends.quantized.engine}")
-
