@@ -131,6 +131,21 @@ def fast():
     return make
 
 
+@pytest.fixture(scope="session")
+def bench_script():
+    """Import one of bench/'s scripts by file name (bench/ is not a package): `bench_script("engines")`."""
+    import importlib.util
+
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(f"bench_{name}",
+                                                      Path(__file__).resolve().parent.parent / "bench" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return load
+
+
 @pytest.fixture
 def store_path(tmp_path) -> Path:
     return tmp_path / "results.sqlite"

@@ -5,7 +5,6 @@ No timing is asserted: the rows below are made up, and only the verdicts drawn f
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -17,11 +16,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
-def engines():
-    spec = importlib.util.spec_from_file_location("bench_engines", ROOT / "bench" / "engines.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def engines(bench_script):
+    return bench_script("engines")
 
 
 def _speed(config, rate, speedup, fraction=0.5, plain=None, sound=True):

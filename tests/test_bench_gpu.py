@@ -7,7 +7,6 @@ verdicts and the text drawn from them are checked.
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -20,11 +19,8 @@ GIB = 1 << 30
 
 
 @pytest.fixture(scope="module")
-def gpu():
-    spec = importlib.util.spec_from_file_location("bench_gpu", ROOT / "bench" / "gpu.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def gpu(bench_script):
+    return bench_script("gpu")
 
 
 def _speed(label, rate, fraction=0.1, warnings=(), joules=0.05, weights=2 * GIB, peak=3 * GIB,

@@ -5,20 +5,12 @@ No timing is asserted: only that every kernel runs on the shapes and the table i
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
-def kernels():
-    spec = importlib.util.spec_from_file_location("bench_kernels", ROOT / "bench" / "kernels.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def kernels(bench_script):
+    return bench_script("kernels")
 
 
 def test_a_decode_step_reads_every_block_matrix_and_the_head(kernels):

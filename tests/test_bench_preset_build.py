@@ -2,22 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
 from workbench.models.presets import PRESETS, Preset
 
-ROOT = Path(__file__).resolve().parent.parent
-
 
 @pytest.fixture
-def bench():
-    spec = importlib.util.spec_from_file_location("bench_preset_build", ROOT / "bench" / "preset_build.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def bench(bench_script):
+    return bench_script("preset_build")
 
 
 def test_the_preset_build_bench_times_both_builds_and_writes_its_table(bench, monkeypatch, tmp_path):
