@@ -5,7 +5,7 @@ with bf16 activations on PyTorch's CPU int4 kernel. Each layer is checked agains
 (from its own codes and scales), against the float layer it replaces, at the edges (all-zero inputs and rows,
 constant groups, out_features that are not a multiple of 16, a group size that does not divide a layer), and end
 to end: the compiled decode step gives the tokens the eager one gives. Timings are never asserted here
-(bench/suite.py and bench/kernels.py have them).
+(bench/suite.py and bench/matmul_kernels.py have them).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""bench/kernels.py: the matrices a decode step multiplies by, and one pass of every kernel over small ones.
+"""bench/matmul_kernels.py: the matrices a decode step multiplies by, and one pass of every kernel over small ones.
 
 No timing is asserted: only that every kernel runs on the shapes and the table is filled.
 """
@@ -10,7 +10,7 @@ import pytest
 
 @pytest.fixture(scope="module")
 def kernels(bench_script):
-    return bench_script("kernels")
+    return bench_script("matmul_kernels")
 
 
 def test_a_decode_step_reads_every_block_matrix_and_the_head(kernels):

@@ -6,7 +6,7 @@ each storage format the workbench offers, and times one pass over all of them wi
 set is the whole model, far larger than the caches, as in a real decode step. Reported per kernel: ms per
 pass, billions of weights per second, GB/s of weight bytes read, and the speed-up over fp32.
 
-    python bench/kernels.py [--model preset:llama-124m] [--threads 2] [--rounds 5] [--json PATH] [--markdown PATH]
+    python bench/matmul_kernels.py [--model preset:llama-124m] [--threads 2] [--rounds 5] [--json PATH] [--markdown PATH]
 
 A kernel far below the fp32 row's GB/s is limited by its arithmetic (unpacking, converting), not by memory.
 """
@@ -132,7 +132,7 @@ def measure(shapes: list[tuple[int, int]], rounds: int) -> list[dict[str, Any]]:
 
 def markdown(result: dict[str, Any]) -> str:
     """The table, with what it was measured on."""
-    head = (f"Measured by `python bench/kernels.py --model {result['model']} --threads {result['threads']}` on "
+    head = (f"Measured by `python bench/matmul_kernels.py --model {result['model']} --threads {result['threads']}` on "
             f"{result['cpu']}, torch {result['torch']}: {result['matrices']} matrices, "
             f"{result['weights'] / 1e6:.1f} M weights per step, median of {result['rounds']} rounds.\n\n")
     rows = [(r["kernel"], f"{r['ms_per_step']:.2f}", f"{r['gweights_per_s']:.1f}", f"{r['weight_gb_per_s']:.1f}",
@@ -146,8 +146,8 @@ def main() -> None:
     parser.add_argument("--model", default="preset:llama-124m")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--json", default=str(RESULTS / "kernels.json"))
-    parser.add_argument("--markdown", default=str(RESULTS / "kernels.md"))
+    parser.add_argument("--json", default=str(RESULTS / "matmul-kernels.json"))
+    parser.add_argument("--markdown", default=str(RESULTS / "matmul-kernels.md"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     shapes = step_shapes(args.model)
