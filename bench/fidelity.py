@@ -16,6 +16,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -26,6 +27,7 @@ from workbench import logs  # noqa: E402
 logs.quiet_libraries()
 
 from workbench.config import RunConfig  # noqa: E402
+from workbench.engines.hf_generate import fixed_length  # noqa: E402
 from workbench.models.loader import load_model  # noqa: E402
 from workbench.models.sources import resolve  # noqa: E402
 from workbench.report import table  # noqa: E402
@@ -33,14 +35,15 @@ from workbench.runner import run  # noqa: E402
 from workbench.textio import build_prompts  # noqa: E402
 
 
-def plain_timing(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int, pad: int, repeats: int) -> tuple[float, float]:
-    """(median TTFT ms, median decode tokens/s) from whole-call timings of generate."""
+def plain_timing(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int, tokenizer: Any,
+                 repeats: int) -> tuple[float, float]:
+    """(median TTFT ms, median decode tokens/s) from whole-call timings of generate, with the runner's settings."""
     mask = torch.ones_like(ids)
 
     def timed(n: int) -> float:
+        settings = fixed_length(tokenizer, n, ids.device)  # the same per-step work as the runner's generate
         t0 = time.perf_counter()
-        model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                       pad_token_id=pad)
+        model.generate(input_ids=ids, attention_mask=mask, **settings)
         return time.perf_counter() - t0
 
     timed(new_tokens)  # warm-up
@@ -62,7 +65,7 @@ def compare(model_spec: str, new_tokens: int, rounds: int, repeats: int) -> dict
         wb_ttft.append(r.latency.ttft_ms.p50)
         wb_decode.append(r.latency.decode_tokens_per_s)
         with torch.inference_mode():
-            t, d = plain_timing(loaded.model, ids, new_tokens, loaded.tokenizer.pad_token_id, repeats)
+            t, d = plain_timing(loaded.model, ids, new_tokens, loaded.tokenizer, repeats)
         pl_ttft.append(t)
         pl_decode.append(d)
     med = statistics.median

@@ -142,6 +142,13 @@ def test_ranks_merge_into_every_stage_and_the_measured_bubble():
 
 # --- real ranks ----------------------------------------------------------------------------------------
 
+def _eos_first(logits: torch.Tensor, eos: int) -> torch.Tensor:
+    """logits (B, T, V) with EOS above every other token."""
+    logits = logits.clone()
+    logits[..., eos] = logits.abs().max() * 10 + 10
+    return logits
+
+
 def _ranks_main(out: str) -> None:
     """Under torchrun: every rank builds its stage; rank 0 saves the pipelined greedy tokens for M = 1, 2, 4."""
     from workbench.measure.latency import TokenClock
@@ -164,6 +171,14 @@ def _ranks_main(out: str) -> None:
             rows = gen.generate(TokenClock(torch.device("cpu"))).rows
             saved[f"{attn}/{m}"] = torch.tensor(rows)
             saved[f"{attn}/{m}/busy"] = gen.counters.busy_s > 0 and gen.counters.steps == 10
+    # EOS the top logit everywhere: the stages must pick what fixed-length decoding picks, never EOS
+    eos = loaded.tokenizer.eos_token_id
+    loaded.model.config._attn_implementation = "sdpa"  # the loop above left it eager
+    loaded.model.lm_head.register_forward_hook(lambda module, args, out: _eos_first(out, eos))
+    config = SimpleNamespace(max_new_tokens=10, micro_batches=2, attn_implementation="sdpa")
+    gen = PipelineGenerator(loaded.model, torch.device("cpu"), config, ids, lambda: False, rank, world,
+                            eos_token_id=eos)
+    saved["eos-first"] = torch.tensor(gen.generate(TokenClock(torch.device("cpu"))).rows)
     if rank == 0:
         torch.save(saved, out)
     d.destroy()
@@ -185,6 +200,16 @@ def test_stage_generator_greedy_tokens_equal_one_process(tiny, tmp_path):
         for m in (1, 2, 4):
             assert torch.equal(saved[f"{attn}/{m}"], greedy), (attn, m)
             assert saved[f"{attn}/{m}/busy"]
+    eos = tiny.tokenizer.eos_token_id
+    hook = tiny.model.lm_head.register_forward_hook(lambda module, args, out: _eos_first(out, eos))
+    try:
+        with torch.no_grad():
+            fixed = tiny.model.generate(saved["ids"], attention_mask=torch.ones_like(saved["ids"]), max_new_tokens=10,
+                                        min_new_tokens=10, do_sample=False, eos_token_id=eos, pad_token_id=eos)
+    finally:
+        hook.remove()
+    assert torch.equal(saved["eos-first"], fixed[:, saved["ids"].shape[1]:])
+    assert not (saved["eos-first"] == eos).any()
 
 
 @needs_two_cores

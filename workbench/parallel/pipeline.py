@@ -29,6 +29,7 @@ import torch
 
 from workbench.config import RunConfig
 from workbench.engines.base import Generation
+from workbench.engines.hf_generate import NoEarlyEnd
 from workbench.errors import ConfigError
 from workbench.measure.memory import cache_bytes
 from workbench.parallel.distributed import DistributedCoordinator, not_a_pipeline_decoder, share
@@ -57,7 +58,7 @@ class PipelineCoordinator(DistributedCoordinator):
                        prompt_ids: list[list[int]], stop_requested: Any, compile_config: Any = None) -> Any:
         """The engine's generator: this rank's stage of the model."""
         return PipelineGenerator(model, device, config, prompt_ids, stop_requested, self.rank, self.world_size,
-                                 self.group)
+                                 self.group, eos_token_id=tokenizer.eos_token_id)
 
 
 @dataclasses.dataclass
@@ -71,8 +72,10 @@ class PipelineGenerator:
     """Rank `rank`'s stage of the model, run by a GPipe schedule; `generate` has the hf Generator's interface."""
 
     def __init__(self, model: torch.nn.Module, device: torch.device, config: RunConfig, prompt_ids: list[list[int]],
-                 stop_requested: Any, rank: int, world: int, cpu_group: Any = None) -> None:
-        """`cpu_group`: the gloo group small CPU tensors travel over (None: the default group is gloo)."""
+                 stop_requested: Any, rank: int, world: int, cpu_group: Any = None,
+                 eos_token_id: int | None = None) -> None:
+        """`cpu_group`: the gloo group small CPU tensors travel over (None: the default group is gloo);
+        `eos_token_id`: never picked, as the hf Generator's fixed-length decoding never picks it."""
         why = not_a_pipeline_decoder(model)
         if why:
             raise ConfigError(why)
@@ -89,6 +92,7 @@ class PipelineGenerator:
         params = inspect.signature(self.layers[0].forward).parameters
         self.cache_kw = next((k for k in ("cache", "past_key_values", "past_key_value") if k in params), "cache")
         self.counters = _Counters()
+        self.no_early_end = NoEarlyEnd(eos_token_id, device)
 
     def reset_counters(self) -> None:
         """Start summing busy and wall time afresh (the tracker calls it before the timed calls)."""
@@ -143,7 +147,7 @@ class PipelineGenerator:
             h = self._forward(x, caches[m], positions, past)
             if self.last:
                 logits = self.model.lm_head(self.base.norm(h[:, -1:, :]))
-                picked.append(logits[:, -1, :].float().argmax(-1))
+                picked.append(self.no_early_end(None, logits[:, -1, :].float()).argmax(-1))  # (b,)
             else:
                 h = h.contiguous()
                 sends.append((dist.isend(h, dst=self.rank + 1), h))
