@@ -7,8 +7,10 @@ import os
 import sys
 import warnings
 
+# "kernels": Hugging Face's kernel hub (a transformers 5.25 dependency); bitsandbytes asks it for its fused CPU
+# kernel on CPUs with AVX512-BF16, and offline it warns at import that it skips the publisher check
 _NOISY = ("torchao", "torch.utils._pytree", "bitsandbytes", "accelerate", "transformers", "urllib3", "httpx",
-          "huggingface_hub", "torch._dynamo", "torch._inductor", "filelock")
+          "huggingface_hub", "torch._dynamo", "torch._inductor", "filelock", "kernels")
 
 
 def quiet_libraries() -> None:
