@@ -8,16 +8,20 @@ the workbench does, decodes with a plain loop over the model's forward (one toke
 - other ops: self time of every other tensor op (norms, rotary, attention, cache updates, casts);
 - Python: what is left of the step (the model's module code and PyTorch's dispatch between the ops).
 
-    python bench/decode_profile.py [--model preset:llama-124m] [--config 'fp32' --config 'fp32|dynamic-int8:lm_head=true'] [--json PATH]
+    python bench/decode_profile.py [--model preset:llama-124m] [--config fp32 --config 'fp32|w4a8|compile'] [--json P]
 
-A config is `DTYPE` or `DTYPE|SPEC|SPEC...`. The profiler adds a little time to every op, so the shares are
-approximate; the step time (and tokens/s) is measured without it.
+A config is `DTYPE` or `DTYPE|SPEC|SPEC...`; a final `|compile` runs the compiled decode step the workbench runs
+(`--compile`: a static KV cache and transformers' compiled call), where "other ops" is mostly the compiled graph's
+own fused kernels and "guard checks" the time torch.compile spends deciding that its graph still applies (the
+`TorchDynamo Cache Lookup` event). The profiler adds a little time to every op, so the shares are approximate; the
+step time (and tokens/s) is measured without it.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import inspect
 import json
 import statistics
 import sys
@@ -34,6 +38,7 @@ from workbench import logs  # noqa: E402
 logs.quiet_libraries()
 
 from workbench.config import RunConfig  # noqa: E402
+from workbench.engines.hf_compile import CompilePlan, compile_config  # noqa: E402
 from workbench.events import no_event  # noqa: E402
 from workbench.models.loader import load_model  # noqa: E402
 from workbench.models.sources import resolve  # noqa: E402
@@ -41,7 +46,9 @@ from workbench.techniques import apply_techniques  # noqa: E402
 
 DEFAULT_CONFIGS = ["fp32", "fp32|dynamic-int8:lm_head=true",
                    "fp32|structured:heads_ratio=0.5,mlp_ratio=0.5|dynamic-int8:lm_head=true"]
-MATMUL_OPS = ("linear", "addmm", "mm", "matmul", "bmm", "int8pack", "int4pack", "gemv", "gemm", "bnb")
+MATMUL_OPS = ("linear", "addmm", "mm", "matmul", "bmm", "int8pack", "int4pack", "gemv", "gemm", "bnb", "q4q8")
+WARMUP_STEPS = 4
+GUARDS = "TorchDynamo Cache Lookup"  # the profiler's name for torch.compile's guard checks before each call
 
 
 def is_matmul(name: str) -> bool:
@@ -50,49 +57,66 @@ def is_matmul(name: str) -> bool:
     return "scaled_dot_product" not in low and any(k in low for k in MATMUL_OPS)
 
 
-def _steps(model: torch.nn.Module, prompt: torch.Tensor, steps: int, around: Any = None) -> float:
-    """Prefill, then `steps` greedy one-token forwards (inside the context `around`, if given); their seconds."""
-    from transformers import DynamicCache
+def _steps(model: torch.nn.Module, prompt: torch.Tensor, steps: int, compiled: int, around: Any = None) -> float:
+    """Prefill, then `steps` greedy one-token forwards (inside the context `around`, if given); their seconds.
 
+    `compiled` > 0: a static cache of that many positions (the same in every call, so the graph compiles once) and
+    the model's compiled call, as `workbench run --compile` decodes; 0: eager, with a dynamic cache."""
+    from transformers import DynamicCache, StaticCache
+
+    # transformers 5.25 renamed the forward's `past_key_values` to `cache` (the old name warns until 5.40)
+    cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    length = prompt.shape[1]
     with torch.inference_mode():
-        cache = DynamicCache(config=model.config)
-        tok = model(input_ids=prompt, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+        if compiled:
+            cache = StaticCache(config=model.config, max_cache_len=compiled)
+            step = model.get_compiled_call(compile_config(CompilePlan("default"), "cpu"))
+        else:
+            cache, step = DynamicCache(config=model.config), model
+        logits = model(input_ids=prompt, cache_position=torch.arange(length), **{cache_kw: cache}).logits
+        tok = logits[:, -1:].argmax(-1)  # (1, 1)
         with around or contextlib.nullcontext():
             t0 = time.perf_counter()
-            for _ in range(steps):
-                tok = model(input_ids=tok, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+            for i in range(steps):
+                logits = step(input_ids=tok, cache_position=torch.tensor([length + i]), **{cache_kw: cache}).logits
+                tok = logits[:, -1:].argmax(-1)
             return time.perf_counter() - t0
 
 
-def _op_times(model: torch.nn.Module, prompt: torch.Tensor, steps: int) -> tuple[float, float]:
-    """(matmul, other) self CPU seconds per decode step, from the profiler."""
+def _op_times(model: torch.nn.Module, prompt: torch.Tensor, steps: int, compiled: int) -> tuple[float, float, float]:
+    """(matmul, other, guard checks) self CPU seconds per decode step, from the profiler."""
     from torch.profiler import ProfilerActivity, profile
 
     prof = profile(activities=[ProfilerActivity.CPU])
-    _steps(model, prompt, steps, around=prof)
-    matmul = other = 0.0
+    _steps(model, prompt, steps, compiled, around=prof)
+    matmul = other = guards = 0.0
     for e in prof.key_averages():
-        if is_matmul(e.key):
+        if e.key == GUARDS:
+            guards += e.self_cpu_time_total
+        elif is_matmul(e.key):
             matmul += e.self_cpu_time_total
         else:
             other += e.self_cpu_time_total
-    return matmul / 1e6 / steps, other / 1e6 / steps
+    return matmul / 1e6 / steps, other / 1e6 / steps, guards / 1e6 / steps
 
 
 def profile_config(model_spec: str, config: str, steps: int, rounds: int) -> dict[str, Any]:
     """Load, apply, and split one configuration's decode step."""
     dtype, *specs = config.split("|")
+    prompt = torch.tensor([[11, 12, 13, 14, 15, 16]])
+    capacity = prompt.shape[1] + max(steps, WARMUP_STEPS)  # the static cache's length: room for every call
+    compiled = capacity if specs and specs[-1] == "compile" else 0
+    specs = specs[:-1] if compiled else specs
     loaded = load_model(resolve(model_spec), dtype, torch.device("cpu"))
     apply_techniques(loaded, RunConfig(model=model_spec, dtype=dtype, device="cpu", techniques=tuple(specs)),
                      no_event)
     model = loaded.model.eval()
-    prompt = torch.tensor([[11, 12, 13, 14, 15, 16]])
-    _steps(model, prompt, 4)  # warm up
-    step = statistics.median(_steps(model, prompt, steps) / steps for _ in range(rounds))
-    matmul, other = _op_times(model, prompt, steps)
-    python = max(0.0, step - matmul - other)
+    _steps(model, prompt, WARMUP_STEPS, compiled)  # warm up (and compile)
+    step = statistics.median(_steps(model, prompt, steps, compiled) / steps for _ in range(rounds))
+    matmul, other, guards = _op_times(model, prompt, steps, compiled)
+    python = max(0.0, step - matmul - other - guards)
     row = {"config": config, "tokens_per_s": 1 / step, "step_ms": 1e3 * step, "matmul_ms": 1e3 * matmul,
-           "other_ops_ms": 1e3 * other, "python_ms": 1e3 * python}
+           "other_ops_ms": 1e3 * other, "guards_ms": 1e3 * guards, "python_ms": 1e3 * python}
     del loaded, model
     return row
 
@@ -100,10 +124,11 @@ def profile_config(model_spec: str, config: str, steps: int, rounds: int) -> dic
 def markdown(model: str, rows: list[dict[str, Any]]) -> str:
     """The table the README quotes."""
     out = [f"Decode step on `{model}` (batch 1, plain loop over the forward, {torch.get_num_threads()} threads):", "",
-           "| configuration | tok/s | step ms | matmuls ms | other ops ms | Python + dispatch ms |",
-           "| --- | ---: | ---: | ---: | ---: | ---: |"]
-    out += [f"| {r['config'].replace('|', ' + ')} | {r['tokens_per_s']:.1f} | {r['step_ms']:.2f} | {r['matmul_ms']:.2f} | "
-            f"{r['other_ops_ms']:.2f} | {r['python_ms']:.2f} |" for r in rows]
+           "| configuration | tok/s | step ms | matmuls ms | other ops ms | guard checks ms | Python + dispatch ms |",
+           "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    out += [f"| {r['config'].replace('|', ' + ')} | {r['tokens_per_s']:.1f} | {r['step_ms']:.2f} | "
+            f"{r['matmul_ms']:.2f} | {r['other_ops_ms']:.2f} | {r['guards_ms']:.2f} | {r['python_ms']:.2f} |"
+            for r in rows]
     return "\n".join(out)
 
 

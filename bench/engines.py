@@ -77,7 +77,7 @@ class Config(NamedTuple):
 CONFIGS = [Config(BASELINE, "hf", "fp32"),
            Config("PyTorch dynamic-int8 + int8 head", "hf", "fp32", ("dynamic-int8:lm_head=true",)),
            *(Config(f"PyTorch {spec} + torch.compile", "hf", "fp32", (spec,),
-                    (("compile", True), ("kv_cache", "static"))) for spec in ("w8a8", "w4a16")),
+                    (("compile", True), ("kv_cache", "static"))) for spec in ("w8a8", "w4a16", "w4a8")),
            *(Config(f"llama.cpp {name}", "llamacpp", dtype) for name, dtype in
              (("F32", "fp32"), ("F16", "fp16"), ("BF16", "bf16"))),
            *(Config(f"llama.cpp {t}", "llamacpp", "fp32", (f"gguf:type={t}",)) for t in GGUF_TYPES)]

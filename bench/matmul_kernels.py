@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -27,10 +28,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from workbench import native  # noqa: E402
 from workbench.measure.env import cpu_name  # noqa: E402
 from workbench.models.presets import PRESETS  # noqa: E402
 from workbench.report import table  # noqa: E402
 from workbench.techniques.w4a16 import W4A16Linear  # noqa: E402
+from workbench.techniques.w4a8 import W4A8Linear  # noqa: E402
 from workbench.techniques.w8a8 import W8A8Linear, row_codes  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -100,6 +103,9 @@ KERNELS: dict[str, tuple[float, torch.dtype, Callable[[torch.Tensor], Callable[[
     "w4a16 layer (fp32 in and out, groups of 32)": (0.5, torch.float32,
                                                                 lambda w: W4A16Linear(_linear(w), 32)),
 }
+if native.unavailable() is None:  # the workbench's own kernel needs a C compiler to build
+    KERNELS["w4a8 layer (fp32 in and out, int8 activations, integer dot products)"] = (
+        0.5, torch.float32, lambda w: W4A8Linear(_linear(w)))
 
 
 def measure(shapes: list[tuple[int, int]], rounds: int) -> list[dict[str, Any]]:
@@ -132,8 +138,9 @@ def measure(shapes: list[tuple[int, int]], rounds: int) -> list[dict[str, Any]]:
 
 def markdown(result: dict[str, Any]) -> str:
     """The table, with what it was measured on."""
-    head = (f"Measured by `python bench/matmul_kernels.py --model {result['model']} --threads {result['threads']}` on "
-            f"{result['cpu']}, torch {result['torch']}: {result['matrices']} matrices, "
+    portable = f"{native.PORTABLE_ENV}=1 " if result.get("portable") else ""  # the w4a8 row: its portable C build
+    head = (f"Measured by `{portable}python bench/matmul_kernels.py --model {result['model']} --threads "
+            f"{result['threads']}` on {result['cpu']}, torch {result['torch']}: {result['matrices']} matrices, "
             f"{result['weights'] / 1e6:.1f} M weights per step, median of {result['rounds']} rounds.\n\n")
     rows = [(r["kernel"], f"{r['ms_per_step']:.2f}", f"{r['gweights_per_s']:.1f}", f"{r['weight_gb_per_s']:.1f}",
              f"{r['speedup_vs_fp32']:.2f}x") for r in result["rows"]]
@@ -154,7 +161,7 @@ def main() -> None:
     rows = measure(shapes, args.rounds)
     result = {"model": args.model, "threads": args.threads, "rounds": args.rounds, "cpu": cpu_name(),
               "torch": torch.__version__, "matrices": len(shapes), "weights": sum(o * i for o, i in shapes),
-              "rows": rows}
+              "portable": os.environ.get(native.PORTABLE_ENV) == "1", "rows": rows}
     print(table([(r["kernel"], f"{r['ms_per_step']:.2f}", f"{r['gweights_per_s']:.1f}", f"{r['weight_gb_per_s']:.1f}",
                   f"{r['speedup_vs_fp32']:.2f}x") for r in rows],
                 ("kernel", "ms per step", "G weights/s", "weight GB/s", "vs fp32")))

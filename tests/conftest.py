@@ -132,6 +132,26 @@ def fast():
 
 
 @pytest.fixture(scope="session")
+def apply_technique():
+    """Apply one technique spec to a CPU model in place, through its registered handler as the runner does:
+    `notes = apply_technique("w4a8:lm_head=false", model)` returns the run's notes."""
+    import torch
+
+    from workbench.techniques import load_all, parse_spec
+    from workbench.techniques.base import ApplyContext, handler_for
+
+    load_all()
+
+    def apply(spec: str, model, dtype: str = "fp32") -> list[str]:
+        cfg = parse_spec(spec)
+        ctx = ApplyContext(model, None, torch.device("cpu"), dtype, lambda message, fraction: None)
+        handler_for(cfg)(cfg, ctx)
+        return ctx.notes
+
+    return apply
+
+
+@pytest.fixture(scope="session")
 def bench_script():
     """Import one of bench/'s scripts by file name (bench/ is not a package): `bench_script("engines")`."""
     import importlib.util

@@ -75,7 +75,8 @@ def test_every_configuration_makes_a_valid_run_for_speed_and_accuracy(engines):
                            eval_context=256)
         assert speed.compile == acc.compile == dict(c.execution).get("compile", False)
     assert {c.label for c in engines.CONFIGS if c.execution} == {"PyTorch w8a8 + torch.compile",
-                                                                 "PyTorch w4a16 + torch.compile"}
+                                                                 "PyTorch w4a16 + torch.compile",
+                                                                 "PyTorch w4a8 + torch.compile"}
 
 
 def test_targets_met_and_missed(engines):

@@ -19,7 +19,6 @@ from workbench.errors import ConfigError
 from workbench.measure.memory import parameter_count, weight_bytes
 from workbench.techniques import REGISTRY, load_all, parse_spec
 from workbench.techniques._targets import block_linears
-from workbench.techniques.base import ApplyContext, handler_for
 from workbench.techniques.w4a16 import W4A16Linear, group_codes
 from workbench.techniques.w8a8 import QMAX, W8A8Linear, row_codes
 
@@ -27,19 +26,12 @@ load_all()
 CPU = torch.device("cpu")
 
 
-def _apply(spec: str, model: torch.nn.Module, dtype: str = "fp32") -> list[str]:
-    cfg = parse_spec(spec)
-    ctx = ApplyContext(model, None, CPU, dtype, lambda message, fraction: None)
-    handler_for(cfg)(cfg, ctx)
-    return ctx.notes
-
-
 def _sqnr_db(ref: torch.Tensor, approx: torch.Tensor) -> float:
     return float(10 * torch.log10(ref.pow(2).sum() / (ref - approx).pow(2).sum()))
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["w8a8", "w4a16"])
+@pytest.mark.parametrize("name", ["w8a8", "w4a16", "w4a8"])  # w4a8: tests/test_w4a8.py has the rest
 def test_the_compiled_decode_step_gives_the_eager_tokens(name, fast):
     """One graph for the whole step (no 'compile skipped'), the eager tokens, and the decode check passes."""
     from workbench.measure.accuracy import decode_looks_wrong
@@ -105,11 +97,11 @@ def test_w8a8_the_output_keeps_the_input_dtype(dtype):
     assert _sqnr_db(ref.float(), y.float()) > 25
 
 
-def test_w8a8_a_tied_head_gets_its_own_int8_copy_counted_once(tiny):
+def test_w8a8_a_tied_head_gets_its_own_int8_copy_counted_once(tiny, apply_technique):
     model = copy.deepcopy(tiny.model)
     embed = model.get_input_embeddings().weight
     assert model.get_output_embeddings().weight is embed  # tiny ties them
-    notes = _apply("w8a8", model)
+    notes = apply_technique("w8a8", model)
     assert isinstance(model.get_output_embeddings(), W8A8Linear)
     assert model.get_input_embeddings().weight is embed  # the lookup keeps the float table
     assert parameter_count(model) == parameter_count(tiny.model)
@@ -120,12 +112,24 @@ def test_w8a8_a_tied_head_gets_its_own_int8_copy_counted_once(tiny):
     assert weight_bytes(model) == weight_bytes(tiny.model) + change
 
 
-def test_w8a8_without_lm_head_the_output_projection_stays_float(tiny):
+def test_w8a8_without_lm_head_the_output_projection_stays_float(tiny, apply_technique):
     model = copy.deepcopy(tiny.model)
-    notes = _apply("w8a8:lm_head=false", model)
+    notes = apply_technique("w8a8:lm_head=false", model)
     assert type(model.get_output_embeddings()) is torch.nn.Linear
     assert all(isinstance(model.get_submodule(n), W8A8Linear) for n, _ in block_linears(tiny.model))
     assert "the output projection kept in float" in notes[-1]
+
+
+def test_w8a8_warns_on_an_x86_cpu_without_vnni(monkeypatch):
+    """Measured: torch._int_mm at 0.63x fp32 on an AVX2-only CPU (bench/results/matmul-kernels-avx2.md)."""
+    import workbench.techniques.w8a8 as w8a8
+
+    cfg = parse_spec("w8a8")
+    monkeypatch.setattr(w8a8, "cpu_flags", lambda: frozenset({"avx2", "fma"}))
+    assert "no VNNI" in cfg.speed_warning("cpu", 1, True) and "w4a8" in cfg.speed_warning("cpu", 1, True)
+    for flags in ({"avx2", "avx512_vnni"}, {"avx2", "avx_vnni"}, set()):  # VNNI, or no x86 flags to read
+        monkeypatch.setattr(w8a8, "cpu_flags", lambda f=frozenset(flags): f)
+        assert cfg.speed_warning("cpu", 1, True) is None
 
 
 def test_w8a8_cpu_only_with_the_reason():
@@ -190,22 +194,22 @@ def test_w4a16_bf16_models_stay_bf16():
     assert y.dtype == torch.bfloat16 and _sqnr_db(ref.float(), y.float()) > 18
 
 
-def test_w4a16_a_layer_the_group_size_does_not_divide_stays_float(tiny):
+def test_w4a16_a_layer_the_group_size_does_not_divide_stays_float(tiny, apply_technique):
     model = copy.deepcopy(tiny.model)
-    notes = _apply("w4a16:group_size=256", model)  # tiny: hidden 256, MLP 768: every in_features divides
+    notes = apply_technique("w4a16:group_size=256", model)  # tiny: hidden 256, MLP 768: every in_features divides
     assert all(isinstance(model.get_submodule(n), W4A16Linear) for n, _ in block_linears(tiny.model))
     odd = torch.nn.Sequential(torch.nn.Linear(96, 32), torch.nn.Linear(32, 64))
-    _apply("w4a16:group_size=64,lm_head=false", odd)
+    apply_technique("w4a16:group_size=64,lm_head=false", odd)
     assert type(odd[0]) is torch.nn.Linear and type(odd[1]) is torch.nn.Linear  # 96 and 32: not multiples of 64
-    _apply("w4a16:group_size=32,lm_head=false", odd)
+    apply_technique("w4a16:group_size=32,lm_head=false", odd)
     assert isinstance(odd[0], W4A16Linear) and isinstance(odd[1], W4A16Linear)
     assert "groups of 256" in notes[-1]
 
 
-def test_w4a16_a_tied_head_gets_its_own_copy_counted_once(tiny):
+def test_w4a16_a_tied_head_gets_its_own_copy_counted_once(tiny, apply_technique):
     model = copy.deepcopy(tiny.model)
     embed = model.get_input_embeddings().weight
-    notes = _apply("w4a16", model)
+    notes = apply_technique("w4a16", model)
     head = model.get_output_embeddings()
     assert isinstance(head, W4A16Linear) and model.get_input_embeddings().weight is embed
     assert parameter_count(model) == parameter_count(tiny.model)

@@ -27,17 +27,17 @@ from workbench.techniques.base import ApplyContext, handler_for
 load_all()
 CPU = torch.device("cpu")
 REAL = ("bnb-int8", "bnb-nf4", "bnb-fp4", "torchao-int8-weight", "torchao-int8-dynamic", "torchao-int4-weight",
-        "dynamic-int8", "w8a8", "w4a16")
+        "dynamic-int8", "w8a8", "w4a16", "w4a8")
 ON_CPU = tuple(n for n in REAL if n != "torchao-int4-weight")
 
 # Bytes per block-Linear weight after quantization: (low, high). int8 stores 1 byte per weight plus a
 # float32 scale per output row (and, for dynamic-int8 per-channel, the float64 scale + int64 zero point
 # that torch.ao's unpacked copy exposes: 16 bytes per row); 4-bit stores 0.5 byte per weight plus one
 # absmax per 64 weights (1 byte double-quantized, 4 bytes plain) and a few small code books; w4a16 0.5 byte
-# plus a bf16 scale and zero point per group of 32 (0.625).
+# plus a bf16 scale and zero point per group of 32 (0.625); w4a8 likewise, with fp16 numbers.
 BYTES_PER_WEIGHT = {"bnb-int8": (1.0, 1.05), "torchao-int8-weight": (1.0, 1.05), "torchao-int8-dynamic": (1.0, 1.05),
-                    "dynamic-int8": (1.0, 1.1), "w8a8": (1.0, 1.05), "w4a16": (0.62, 0.63), "bnb-nf4": (0.5, 0.56),
-                    "bnb-fp4": (0.5, 0.56)}
+                    "dynamic-int8": (1.0, 1.1), "w8a8": (1.0, 1.05), "w4a16": (0.62, 0.63), "w4a8": (0.62, 0.63),
+                    "bnb-nf4": (0.5, 0.56), "bnb-fp4": (0.5, 0.56)}
 
 # KL(unmodified || quantized) in nats per position over ~300 held-out tokens (windows of 64), and the share
 # of positions whose top-1 token is unchanged. Measured on the trained reference model (6 layers, hidden
@@ -50,9 +50,9 @@ BYTES_PER_WEIGHT = {"bnb-int8": (1.0, 1.05), "torchao-int8-weight": (1.0, 1.05),
 # So the bounds leave 2-8x headroom for a retrained model, keep int8 below 4-bit-sized damage, and keep
 # 4-bit below what 3-bit rounding or a single dead layer costs.
 KL_BOUND = {"torchao-int8-weight": 0.01, "bnb-int8": 0.01, "torchao-int8-dynamic": 0.01, "dynamic-int8": 0.1,
-            "w8a8": 0.01, "w4a16": 0.2, "bnb-nf4": 0.2, "bnb-fp4": 0.2, "torchao-int4-weight": 0.2}
+            "w8a8": 0.01, "w4a16": 0.2, "w4a8": 0.2, "bnb-nf4": 0.2, "bnb-fp4": 0.2, "torchao-int4-weight": 0.2}
 TOP1_MIN = {"torchao-int8-weight": 0.9, "bnb-int8": 0.9, "torchao-int8-dynamic": 0.9, "dynamic-int8": 0.75,
-            "w8a8": 0.9, "w4a16": 0.65, "bnb-nf4": 0.65, "bnb-fp4": 0.65, "torchao-int4-weight": 0.65}
+            "w8a8": 0.9, "w4a16": 0.65, "w4a8": 0.65, "bnb-nf4": 0.65, "bnb-fp4": 0.65, "torchao-int4-weight": 0.65}
 
 
 def apply(name_or_spec: str, model: torch.nn.Module, tokenizer=None, device: torch.device = CPU,

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import psutil
 import torch
@@ -52,6 +54,23 @@ def set_interop_threads(n: int | None) -> str | None:
         return (f"inter-op threads stay at {torch.get_num_interop_threads()}: PyTorch sets them once per process "
                 f"(asked for {n}; run in a fresh process, e.g. a sweep with --isolate)")
     return None
+
+
+@functools.cache
+def cpuinfo_line(key: str) -> str | None:
+    """The value of the first `key : value` line of /proc/cpuinfo (None off Linux or where there is none)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(key):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags as Linux names them (`avx2`, `avx512_vnni`, ...); empty off Linux."""
+    return frozenset((cpuinfo_line("flags") or "").split())
 
 
 def cpu_cores() -> int:

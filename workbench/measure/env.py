@@ -10,19 +10,14 @@ from pathlib import Path
 import torch
 
 from workbench import __version__
+from workbench.execution import cpuinfo_line
 from workbench.result import EnvInfo
 
 
 @functools.cache
 def cpu_name() -> str:
     """The CPU model name (from /proc/cpuinfo on Linux)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return cpuinfo_line("model name") or platform.processor() or platform.machine()
 
 
 @functools.cache

@@ -9,6 +9,13 @@ import torch
 from workbench.errors import ConfigError
 
 
+def lm_head_help(copy: str, lookup: str = "float") -> str:
+    """The help of a quantizer's `lm_head` option, whose tied head gets its own `copy` ("int8", "4-bit")."""
+    return (f"Also quantize the output projection. A head tied to the embeddings gets its own {copy} copy (the "
+            f"embedding lookup stays {lookup} and reads one row per token), so decode reads far fewer bytes per "
+            "token at the cost of that copy's memory.")
+
+
 def block_linears(model: torch.nn.Module, include_lm_head: bool = False) -> list[tuple[str, torch.nn.Linear]]:
     """(name, module) of every nn.Linear except the output projection (unless asked for), in model order.
 

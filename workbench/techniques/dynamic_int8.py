@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from workbench.options import option
-from workbench.techniques._targets import output_head, require_linears
+from workbench.techniques._targets import lm_head_help, output_head, require_linears
 from workbench.techniques.base import ApplyContext, Expectation, TechniqueConfig, register, register_handler
 
 logger = logging.getLogger(__name__)
@@ -49,9 +49,7 @@ class DynamicInt8Config(TechniqueConfig):
 
     granularity: str = option("per-channel", "Weight scales: one per output channel (more accurate) or one "
                               "per tensor.", choices=GRANULARITIES)
-    lm_head: bool = option(False, "Also quantize the output projection. A head tied to the embeddings gets its "
-                           "own int8 copy (the embedding lookup stays fp32 and reads one row per token), so "
-                           "decode reads far fewer bytes per token at the cost of that copy's memory.")
+    lm_head: bool = option(False, lm_head_help("int8", "fp32"))
 
     @classmethod
     def unavailable(cls, device: torch.device) -> str | None:

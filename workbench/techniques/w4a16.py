@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from workbench.options import option
-from workbench.techniques._targets import swap_linears
+from workbench.techniques._targets import lm_head_help, swap_linears
 from workbench.techniques.base import ApplyContext, Expectation, TechniqueConfig, register, register_handler
 
 logger = logging.getLogger(__name__)
@@ -82,9 +82,7 @@ class W4A16Config(TechniqueConfig):
 
     group_size: int = option(32, "Inputs per quantization group (smaller: more accurate, more scales).",
                              choices=GROUP_SIZES)
-    lm_head: bool = option(True, "Also quantize the output projection. A head tied to the embeddings gets its "
-                           "own 4-bit copy (the embedding lookup stays float and reads one row per token), so "
-                           "decode reads far fewer bytes per token at the cost of that copy's memory.")
+    lm_head: bool = option(True, lm_head_help("4-bit"))
 
     @classmethod
     def unavailable(cls, device: torch.device) -> str | None:

@@ -2,10 +2,10 @@
 
 Each Linear keeps int8 codes with one scale per output row; every call quantizes its input per token
 (symmetric, 8 bits, the range measured on the fly), multiplies int8 by int8 into int32 with `torch._int_mm`
-(oneDNN's s8 x s8 GEMM, AVX-512 VNNI dot products here), and scales the result back. It is what
-`dynamic-int8` does, with two differences that matter: every step is a plain aten operator, so
-`torch.compile` takes the whole decode step as one graph (fbgemm's packed modules split it), and each token
-gets its own 8-bit activation range instead of one 7-bit range per tensor.
+(oneDNN's s8 x s8 GEMM: fast with AVX-512 VNNI or AVX-VNNI, slower than fp32 without them, and the run then
+says so), and scales the result back. It is what `dynamic-int8` does, with two differences that matter: every
+step is a plain aten operator, so `torch.compile` takes the whole decode step as one graph (fbgemm's packed
+modules split it), and each token gets its own 8-bit activation range instead of one 7-bit range per tensor.
 """
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ from dataclasses import dataclass
 
 import torch
 
+from workbench.execution import cpu_flags
 from workbench.options import option
-from workbench.techniques._targets import swap_linears
+from workbench.techniques._targets import lm_head_help, swap_linears
 from workbench.techniques.base import ApplyContext, Expectation, TechniqueConfig, register, register_handler
 
 logger = logging.getLogger(__name__)
@@ -70,9 +71,7 @@ class W8A8Config(TechniqueConfig):
     summary = "int8 weights (per row) and activations (per token) on torch._int_mm; compiles in one graph (CPU)"
     expect = Expectation(max_kl=0.006, min_kl=0.0005)  # tiny: KL 0.00244, perplexity 56.26 vs 56.11
 
-    lm_head: bool = option(True, "Also quantize the output projection. A head tied to the embeddings gets its "
-                           "own int8 copy (the embedding lookup stays float and reads one row per token), so "
-                           "decode reads far fewer bytes per token at the cost of that copy's memory.")
+    lm_head: bool = option(True, lm_head_help("int8"))
 
     @classmethod
     def unavailable(cls, device: torch.device) -> str | None:
@@ -80,6 +79,14 @@ class W8A8Config(TechniqueConfig):
         if device.type != "cpu":
             return ("w8a8 runs torch._int_mm on the CPU; on CUDA that kernel needs more than 16 rows, so batch-1 "
                     "decoding cannot use it (use torchao-int8-weight with compile there)")
+        return None
+
+    def speed_warning(self, device_type: str, batch: int, compiled: bool) -> str | None:
+        """Slower than float on an x86 CPU without VNNI, where `torch._int_mm` has no fast int8 path."""
+        flags = cpu_flags()
+        if device_type == "cpu" and "avx2" in flags and not flags & {"avx512_vnni", "avx_vnni"}:
+            return ("this CPU has no VNNI int8 dot-product instructions (AVX-512 VNNI or AVX-VNNI), and there "
+                    "torch._int_mm multiplies int8 matrices slower than the fp32 matmul: use w4a8 or dynamic-int8")
         return None
 
     def packed_bytes(self, out_features: int, in_features: int) -> int:
