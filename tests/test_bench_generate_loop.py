@@ -6,6 +6,7 @@ No timing is asserted: only that every way decodes, the ways agree on the tokens
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -39,7 +40,7 @@ def test_the_script_times_every_way_on_tiny(tmp_path):
     assert [r["config"] for r in result["rows"]] == ["fp32", "fp32|w8a8|compile"]
     for row in result["rows"]:
         assert list(row["ms_per_step"]) == ["plain loop", "generate, fixed length", "generate, min_new_tokens"]
-        assert all(v > 0 for v in row["ms_per_step"].values())
+        assert all(math.isfinite(v) for v in row["ms_per_step"].values())  # a sign would be a timing assertion
         assert row["overhead_ms"]["plain loop"] == 0
     text = out_md.read_text()
     assert "`python bench/generate_loop.py --model tiny --new-tokens 4 --rounds 1`" in text

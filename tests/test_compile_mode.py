@@ -125,7 +125,16 @@ def test_the_flag_and_the_widget_come_from_the_field(capsys, tmp_path):
 # --- techniques known to be slow on CUDA at small batches (pure) -------------------------------------------------
 
 @pytest.mark.parametrize("name", sorted(load_all()))
-def test_cpu_runs_never_get_a_cuda_speed_warning(name):
+def test_cpu_runs_never_get_a_cuda_speed_warning(name, monkeypatch):
+    """On a CPU with every instruction set the CPU kernels use (AVX2, FMA, F16C, VNNI) no technique warns; the
+    CPU-only warnings (w8a8 without VNNI, w4a8's portable build) have their own tests."""
+    import workbench.native
+    import workbench.techniques.w8a8
+
+    flags = frozenset({"avx2", "fma", "f16c", "avx512_vnni"})
+    monkeypatch.setattr(workbench.native, "cpu_flags", lambda: flags)
+    monkeypatch.setattr(workbench.techniques.w8a8, "cpu_flags", lambda: flags)
+    monkeypatch.delenv(workbench.native.PORTABLE_ENV, raising=False)
     technique = load_all()[name]()
     assert all(technique.speed_warning("cpu", batch, compiled) is None
                for batch in (1, 64) for compiled in (False, True))
